@@ -431,7 +431,9 @@ def make_schedule(optimizer, kind, total_steps):
 def main(args):
     resume = load_resume(args)                                # --resume continues with the checkpoint's args
     if resume is not None:
-        args = argparse.Namespace(**{**resume["args"], "resume": args.resume, "device": args.device})
+        # the run's own settings come from the checkpoint; where to run and the testing aid from this command line
+        args = argparse.Namespace(**{**resume["args"], "resume": args.resume, "device": args.device,
+                                     "interrupt_at_step": args.interrupt_at_step})
     check_args(args)
     seed_everything(args.seed, args.deterministic)
     device = pick_device(args.device)

@@ -1,0 +1,166 @@
+"""Each script run as a user runs it (subprocess, fake data, a couple of steps), its outputs checked; resume and
+determinism; bad inputs give clear errors."""
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import unittest
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--dataset", "fake", "--device", "cpu", "--width", "8", "--attack-steps", "1", "--eval-attack-steps", "1",
+        "--eval-examples", "8", "--attacks", "linf,l2,l1"]
+
+
+def run_script(script, *args, expect=0, timeout=600):
+    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout)
+    if expect is not None and proc.returncode != expect:
+        raise AssertionError(f"{script} {' '.join(map(str, args))} exited {proc.returncode} (expected {expect})\n"
+                             f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def read_log(path, drop_timing=True):
+    rows = [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+    if drop_timing:
+        rows = [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+    return rows
+
+
+def strip_timing(obj):
+    if isinstance(obj, dict):
+        return {k: strip_timing(v) for k, v in obj.items() if not k.startswith("time/")}
+    return obj
+
+
+class ScriptTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = Path(tempfile.mkdtemp(prefix="cas_test_"))
+        # one pre-train + fine-tune run that the other tests start from
+        cls.base = cls.tmp / "base"
+        run_script("cas.py", *FAST, "--pretrain-epochs", "1", "--epochs", "1", "--max-steps", "2",
+                   "--out-dir", cls.base)
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+
+class TestCasOutputs(ScriptTest):
+    def test_run_directory(self):
+        for f in ("args.json", "log.jsonl", "ckpt.pt", "model.pt", "results.json", "pretrain_model.pt"):
+            self.assertTrue((self.base / f).is_file(), f)
+        args = json.loads((self.base / "args.json").read_text())
+        self.assertEqual(args["derived"]["attacks"], ["linf", "l2", "l1"])
+        self.assertEqual(args["derived"]["weights"], [6.0, 6.0, 6.0])
+        log = read_log(self.base / "log.jsonl")
+        epochs = [r for r in log if "test/acc_clean" in r]
+        self.assertEqual([(r["phase"], r["epoch"]) for r in epochs], [("pretrain", 1), ("finetune", 0), ("finetune", 1)])
+        for key in ("test/acc/linf", "test/acc/l2", "test/acc/l1", "test/avg_robust", "test/avg_lp", "train/loss",
+                    "cas/arm_prob/linf", "cas/r_self/l1", "cas/r_tradeoff/l2", "cas/pulls/linf", "train/pulls/l1"):
+            self.assertIn(key, epochs[-1], key)
+        self.assertEqual(sum(epochs[-1][f"train/pulls/{n}"] for n in ("linf", "l2", "l1")), 2)
+        results = json.loads((self.base / "results.json").read_text())
+        self.assertEqual(results["steps"], 4)
+        for stage in ("initial", "final"):
+            self.assertEqual(set(results[stage]["attacks"]), {"linf", "l2", "l1"})
+            self.assertTrue(0 <= results[stage]["clean"] <= 1)
+        model = torch.load(self.base / "model.pt", weights_only=True)
+        self.assertEqual((model["arch"], model["width"], model["num_classes"]), ("preact_resnet18", 8, 10))
+        self.assertIn("layer4.1.conv2.weight", model["model"])
+        self.assertNotIn("normalize.mean", model["model"])   # normalisation has no state_dict entries
+        ckpt = torch.load(self.base / "ckpt.pt", weights_only=True)
+        for key in ("optimizer", "scheduler", "sampler", "rng", "args", "epoch", "step"):
+            self.assertIn(key, ckpt)
+
+    def test_every_sampler_runs(self):
+        for sampler in ("sat", "eat", "order", "avg"):
+            with self.subTest(sampler=sampler):
+                out = self.tmp / f"s_{sampler}"
+                run_script("cas.py", *FAST, "--init-ckpt", self.base / "model.pt", "--sampler", sampler,
+                           "--epochs", "1", "--max-steps", "2", "--out-dir", out)
+                res = json.loads((out / "results.json").read_text())
+                self.assertEqual((res["sampler"], res["steps"]), (sampler, 2))
+                log = read_log(out / "log.jsonl")
+                self.assertTrue(all("test/acc_clean" in r for r in log if r.get("kind") != "bandit"))
+
+    def test_ablation_flags_and_foreign_state_dict(self):
+        """--no-tradeoff --no-ucb run; a plain state_dict with a DataParallel 'module.' prefix loads."""
+        sd = torch.load(self.base / "model.pt", weights_only=True)["model"]
+        torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}}, self.tmp / "foreign.pth")
+        out = self.tmp / "ablation"
+        run_script("cas.py", *FAST, "--init-ckpt", self.tmp / "foreign.pth", "--no-tradeoff", "--no-ucb",
+                   "--epochs", "1", "--max-steps", "1", "--out-dir", out)
+        init = json.loads((out / "results.json").read_text())["initial"]
+        base_final = json.loads((self.base / "results.json").read_text())["final"]
+        self.assertEqual(init["clean"], base_final["clean"])   # same weights, same eval subset -> same accuracy
+
+
+class TestResumeAndDeterminism(ScriptTest):
+    def test_resume_after_interruption_matches_uninterrupted_run(self):
+        # 2 epochs x 4 steps (256 fake images, batch 64); the crash after step 6 loses half of epoch 2
+        common = [*FAST, "--init-ckpt", self.base / "model.pt", "--epochs", "2", "--batch-size", "64",
+                  "--log-every", "3"]
+        full, cut = self.tmp / "full", self.tmp / "cut"
+        run_script("cas.py", *common, "--out-dir", full)
+        run_script("cas.py", *common, "--out-dir", cut, "--interrupt-at-step", "6", expect=3)
+        self.assertFalse((cut / "results.json").exists())
+        run_script("cas.py", "--resume", cut, "--device", "cpu")
+        a = json.loads((full / "results.json").read_text())
+        b = json.loads((cut / "results.json").read_text())
+        self.assertEqual(strip_timing(a["final"]), strip_timing(b["final"]))
+        self.assertEqual(read_log(full / "log.jsonl"), read_log(cut / "log.jsonl"))
+        wa = torch.load(full / "model.pt", weights_only=True)["model"]
+        wb = torch.load(cut / "model.pt", weights_only=True)["model"]
+        self.assertTrue(all(torch.equal(wa[k], wb[k]) for k in wa), "weights differ after resume")
+
+    def test_same_seed_same_log_other_seed_different(self):
+        common = [*FAST, "--init-ckpt", self.base / "model.pt", "--epochs", "1", "--max-steps", "3",
+                  "--log-every", "1"]
+        logs = {}
+        for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+            run_script("cas.py", *common, "--seed", seed, "--out-dir", self.tmp / f"det_{name}")
+            logs[name] = read_log(self.tmp / f"det_{name}" / "log.jsonl")
+        self.assertEqual(logs["a"], logs["b"])
+        self.assertNotEqual(logs["a"], logs["c"])
+
+    def test_existing_run_is_not_overwritten(self):
+        proc = run_script("cas.py", *FAST, "--init-ckpt", self.base / "model.pt", "--epochs", "1", "--max-steps", "1",
+                          "--out-dir", self.base, expect=1)
+        self.assertIn("--resume", proc.stderr)
+
+
+class TestBadInputs(ScriptTest):
+    def assert_error(self, args, *needles, code=1):
+        proc = run_script("cas.py", *args, expect=code)
+        for needle in needles:
+            self.assertIn(needle, proc.stderr)
+
+    def test_bad_inputs_give_clear_errors(self):
+        out = self.tmp / "bad"
+        self.assert_error(["--dataset", "mnist"], "invalid choice: 'mnist'", "cifar10", code=2)
+        self.assert_error([*FAST, "--attacks", "linf,nope", "--out-dir", out], "unknown attack(s) ['nope']",
+                          "registered attacks: linf")
+        self.assert_error([*FAST, "--beta", "1.5", "--out-dir", out], "--beta must lie in [0, 1]")
+        empty = self.tmp / "empty_data"
+        empty.mkdir()
+        self.assert_error(["--dataset", "cifar10", "--data-dir", empty, "--no-download", "--out-dir", out],
+                          "cifar-10-batches-py/data_batch_1", str(empty))
+        self.assert_error([*FAST[:4], "--width", "16", *FAST[6:], "--init-ckpt", self.base / "model.pt",
+                           "--out-dir", out], "shape mismatches", "conv1.weight")
+        torch.save({"model": torch.nn.Linear(2, 2)}, self.tmp / "module.pt")   # a pickled module, not weights
+        self.assert_error([*FAST, "--init-ckpt", self.tmp / "module.pt", "--out-dir", out],
+                          "not a plain weights checkpoint")
+        torch.save({"epoch": 3, "note": "no weights"}, self.tmp / "noweights.pt")
+        self.assert_error([*FAST, "--init-ckpt", self.tmp / "noweights.pt", "--out-dir", out], "not a state_dict")
+        self.assert_error([*FAST, "--resume", self.tmp / "missing_run"], "checkpoint not found")
+
+
+if __name__ == "__main__":
+    unittest.main()
