@@ -1,0 +1,302 @@
+"""`python -m attacks`: list the registered attacks, time them, or draw a gallery of what each one does.
+
+    python -m attacks --list                                  # table of every attack in attacks.ATTACKS
+    python -m attacks --list --time --batch-size 128          # + per-step cost relative to one linf step
+    python -m attacks --gallery gallery.png                   # fake images, tiny seeded random CNN
+    python -m attacks --gallery gallery.png --data-dir data/cifar10 --ckpt runs/.../model.pt
+
+The table is read from the registry, so attacks added later appear automatically: the family comes from the groups
+in attacks/__init__.py, the defaults (eps / steps / step_size) from each function's signature, the other levels from
+the module constant LEVELS = {"low": {...}, "medium": {...}, "high": {...}} and "what eps bounds" from the module
+constant EPS_MEANING (else the "Latent"/"Constraint" line of the module docstring, else the function docstring).
+
+--gallery writes one PNG (torchvision.utils.make_grid / save_image): row 0 the clean images, then one row per
+attack in registry order (the row order is printed). Images come from the CIFAR-10 test batch under --data-dir
+(a directory holding cifar-10-batches-py/, or that folder itself), else seeded smooth fake images. Every attack
+runs at its default (CIFAR-10 "medium") settings against the model: a tiny seeded random CNN defined here, or with
+--ckpt a PreActResNet-18 rebuilt from a model.pt / ckpt.pt written by the training scripts (metadata "arch",
+"width", "num_classes", "mean", "std", "activation"; a plain state_dict needs --width etc. flags). The model is
+rebuilt by `load_model` below (attacks/ never imports the top-level scripts); its layer names are those of
+Rice et al. 2020 / E-AT, as in the scripts' shared model block. Labels: the true labels for real data, the model's
+clean predictions for fake data.
+
+--time measures, on the same model and batch, the time per attack step relative to one linf step:
+(t(steps=k) - t(steps=0)) / k for each attack, divided by the same for linf (best of --repeats runs).
+
+torchvision is imported only inside the gallery function (the attacks themselves never need it).
+"""
+
+import argparse
+import inspect
+import pickle
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import attacks
+from attacks import ATTACKS
+
+# The benchmark's "core" attacks (reference semantic_attacks.md section 0; UA2 is their mean), the rest are "extra".
+CORE_SEMANTIC = ("wood", "elastic", "pixel", "snow", "gabor", "jpeg", "glitch", "kaleidoscope")
+LP_MEANING = {"linf": "||x_adv - x||_inf (pixels)", "l2": "||x_adv - x||_2 (pixels)", "l1": "||x_adv - x||_1 (pixels)"}
+
+
+# ----------------------------------------------------------------------------------------------- the --list table
+def family(name: str) -> str:
+    if name in attacks.LP:
+        return "l_p"
+    if name in attacks.PERCEPTUAL:
+        return "perceptual"
+    if name in CORE_SEMANTIC:
+        return "semantic core"
+    if name in attacks.SEMANTIC:
+        return "semantic extra"
+    return ATTACKS[name].__module__.rsplit(".", 1)[-1]
+
+
+def eps_meaning(name: str) -> str:
+    """What eps bounds: EPS_MEANING, else the module docstring's Latent/Constraint line, else the docstring."""
+    fn = ATTACKS[name]
+    module = sys.modules[fn.__module__]
+    if getattr(module, "EPS_MEANING", None):
+        return module.EPS_MEANING
+    if name in LP_MEANING:
+        return LP_MEANING[name]
+    for line in (module.__doc__ or "").splitlines():
+        if line.strip().lower().startswith(("constraint", "latent")):
+            return line.split(":", 1)[-1].strip()
+    return (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "?"
+
+
+def fmt(v) -> str:
+    if v is None:
+        return "auto"
+    if isinstance(v, float):
+        k = v * 255   # show budgets like 8/255 as such (only when the decimal form is long)
+        return f"{round(k)}/255" if len(f"{v:.6g}") > 6 and abs(k - round(k)) < 1e-6 else f"{v:.6g}"
+    return str(v)
+
+
+def attack_row(name: str) -> dict:
+    """One table row: defaults from the signature, levels from the module's LEVELS (if any)."""
+    fn = ATTACKS[name]
+    params = inspect.signature(fn).parameters
+    default = {k: params[k].default if k in params else None for k in ("eps", "steps", "step_size")}
+    levels = getattr(sys.modules[fn.__module__], "LEVELS", None)
+    lv = "/".join(fmt(levels[k]["eps"]) for k in ("low", "medium", "high")) if levels else "-"
+    return {"name": name, "family": family(name), "eps bounds": eps_meaning(name), "eps": fmt(default["eps"]),
+            "steps": fmt(default["steps"]), "step_size": fmt(default["step_size"]), "eps low/med/high": lv}
+
+
+def print_table(rows, columns):
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    print(" | ".join(c.ljust(widths[c]) for c in columns))
+    print("-+-".join("-" * widths[c] for c in columns))
+    for r in rows:
+        print(" | ".join(str(r[c]).ljust(widths[c]) for c in columns))
+
+
+# ----------------------------------------------------------------------------------------------------- the models
+class TinyCNN(nn.Module):
+    """A small seeded random CNN (default gallery / timing model; no checkpoint needed)."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv2d(32, 64, 3, stride=2, padding=1)
+        self.linear = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        out = F.relu(self.conv3(F.relu(self.conv2(F.relu(self.conv1(x - 0.5))))))
+        return self.linear(out.mean((2, 3)))
+
+
+class _Block(nn.Module):
+    """PreAct basic block, Rice et al. names (bn1, conv1, bn2, conv2, shortcut.0); projection on the activated input."""
+
+    def __init__(self, cin, cout, stride, act):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(cout), nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.act = act
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False))
+
+    def forward(self, x):
+        out = self.act(self.bn1(x))
+        skip = self.shortcut(out) if hasattr(self, "shortcut") else x
+        return self.conv2(self.act(self.bn2(self.conv1(out)))) + skip
+
+
+class _PreActResNet18(nn.Module):
+    """PreActResNet-18 with the state_dict layout of the training scripts' shared model block (loads model.pt)."""
+
+    def __init__(self, num_classes, mean, std, width, activation):
+        super().__init__()
+        act = nn.ReLU() if activation == "relu" else nn.Softplus(beta=1.0)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        cin = width
+        for i, stride in enumerate((1, 2, 2, 2)):
+            cout = width * 2 ** i
+            setattr(self, f"layer{i + 1}", nn.Sequential(_Block(cin, cout, stride, act), _Block(cout, cout, 1, act)))
+            cin = cout
+        self.bn, self.linear = nn.BatchNorm2d(cin), nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        out = self.conv1((x - self.mean) / self.std)
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return self.linear(F.adaptive_avg_pool2d(F.relu(self.bn(out)), 1).flatten(1))
+
+
+def load_model(path, width=None, num_classes=None, activation=None, mean=None, std=None):
+    """Rebuild a PreActResNet-18 from a model.pt / ckpt.pt (metadata) or a plain state_dict (flags), eval mode."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    meta = ckpt if isinstance(ckpt, dict) and "arch" in ckpt else {}
+    if meta and meta["arch"] != "preact_resnet18":
+        raise ValueError(f"{path}: unknown arch {meta['arch']!r}; --ckpt rebuilds preact_resnet18 only")
+    sd = ckpt.get("model", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else ckpt
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path}: no state_dict found (expected a model.pt, a ckpt.pt or a plain state_dict)")
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    model = _PreActResNet18(num_classes or meta.get("num_classes") or sd["linear.weight"].shape[0],
+                            mean or meta.get("mean", (0.0, 0.0, 0.0)), std or meta.get("std", (1.0, 1.0, 1.0)),
+                            width or meta.get("width") or sd["conv1.weight"].shape[0],
+                            activation or meta.get("activation", "relu"))
+    model.load_state_dict(sd)   # strict: a wrong layout fails loudly
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------------ the data
+def load_cifar_test(data_dir, n):
+    """The first n CIFAR-10 test images (B, 3, 32, 32) in [0, 1] and their labels, from the python pickle."""
+    root = Path(data_dir)
+    path = root / "test_batch" if (root / "test_batch").exists() else root / "cifar-10-batches-py" / "test_batch"
+    if not path.exists():
+        raise FileNotFoundError(f"no CIFAR-10 test_batch under {root} (expected {path})")
+    with open(path, "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    x = torch.tensor(batch[b"data"][:n]).view(-1, 3, 32, 32).float() / 255
+    return x, torch.tensor(batch[b"labels"][:n])
+
+
+def fake_images(n, seed):
+    """Seeded smooth colour images (bicubic-upsampled 4 x 4 noise), so the corruptions are easy to see."""
+    g = torch.Generator().manual_seed(seed)
+    return F.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=(32, 32), mode="bicubic",
+                         align_corners=False).clamp(0, 1)
+
+
+def get_model_and_batch(args, n):
+    device = torch.device(args.device)
+    if args.ckpt:
+        model = load_model(args.ckpt, width=args.width, num_classes=args.num_classes, activation=args.activation)
+    else:
+        torch.manual_seed(args.seed)
+        model = TinyCNN().eval()
+    model = model.to(device)
+    if args.data_dir:
+        x, y = load_cifar_test(args.data_dir, n)
+        x, y = x.to(device), y.to(device)
+    else:
+        x = fake_images(n, args.seed).to(device)
+        with torch.no_grad():
+            y = model(x).argmax(1)
+    return model, x, y
+
+
+# ------------------------------------------------------------------------------------------------ timing, gallery
+def time_per_step(fn, model, x, y, steps, repeats, device):
+    """Seconds per attack step: (t(steps) - t(0)) / steps, best of `repeats` runs.
+
+    On the CPU the clock is this process's CPU time (robust to other processes sharing the cores; it equals wall
+    time for a single-threaded run); on CUDA it is wall time after synchronising.
+    """
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+
+    def once(k):
+        torch.manual_seed(0)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = clock()
+        fn(model, x, y, steps=k)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return clock() - t0
+    once(1)   # warm-up
+    return max(min(once(steps) for _ in range(repeats)) - min(once(0) for _ in range(repeats)), 1e-9) / steps
+
+
+def gallery(args, names):
+    from torchvision.utils import make_grid, save_image   # only the gallery needs torchvision
+
+    model, x, y = get_model_and_batch(args, args.n_images)
+    rows = [x]
+    for name in names:
+        torch.manual_seed(args.seed)   # every attack sees the same seed, whatever ran before it
+        rows.append(ATTACKS[name](model, x, y))
+    grid = torch.cat(rows).detach().cpu()
+    if args.scale > 1:
+        grid = F.interpolate(grid, scale_factor=args.scale, mode="nearest")
+    save_image(make_grid(grid, nrow=x.shape[0], padding=2, pad_value=1.0), args.gallery)
+    with torch.no_grad():
+        acc = [(model(r).argmax(1) == y).float().mean().item() for r in rows]
+    source = "CIFAR-10 test" if args.data_dir else "fake"
+    print(f"wrote {args.gallery}: {len(rows)} rows x {x.shape[0]} images ({source} images, model "
+          f"{'--ckpt ' + args.ckpt if args.ckpt else 'tiny random CNN'})")
+    for i, (name, a) in enumerate(zip(["clean"] + list(names), acc)):
+        print(f"  row {i:2d}: {name:14s} accuracy on these images {a:.2f}")
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m attacks", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--list", action="store_true", help="print the table of registered attacks")
+    p.add_argument("--time", action="store_true", help="with --list: add the per-step cost relative to linf")
+    p.add_argument("--gallery", type=str, default="", help="write a PNG grid of every attack's output here")
+    p.add_argument("--attacks", type=str, default="all", help="comma list of attack names, or 'all'")
+    p.add_argument("--data-dir", type=str, default="", help="CIFAR-10 pickle directory (else fake images)")
+    p.add_argument("--ckpt", type=str, default="", help="model.pt / ckpt.pt / state_dict of a PreActResNet-18")
+    p.add_argument("--width", type=int, default=None, help="PreActResNet-18 width (plain state_dicts)")
+    p.add_argument("--num-classes", type=int, default=None, help="number of classes (plain state_dicts)")
+    p.add_argument("--activation", type=str, default=None, choices=["relu", "softplus"], help="block activation")
+    p.add_argument("--n-images", type=int, default=8, help="images per gallery row")
+    p.add_argument("--scale", type=int, default=3, help="nearest-neighbour upscaling of the gallery images")
+    p.add_argument("--batch-size", type=int, default=128, help="batch size for --time")
+    p.add_argument("--time-steps", type=int, default=5, help="attack steps timed per run for --time")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per attack for --time (best is kept)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model, fake images and attacks")
+    p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+def main(args):
+    names = list(ATTACKS) if args.attacks == "all" else attacks.registered(args.attacks)
+    if not (args.list or args.gallery):
+        print("nothing to do: pass --list and/or --gallery PATH (see --help)")
+        return 2
+    if args.list:
+        rows = [attack_row(n) for n in names]
+        columns = ["name", "family", "eps bounds", "eps", "steps", "step_size", "eps low/med/high"]
+        if args.time:
+            model, x, y = get_model_and_batch(args, args.batch_size)
+            device = torch.device(args.device)
+            t_linf = time_per_step(ATTACKS["linf"], model, x, y, args.time_steps, args.repeats, device)
+            for r in rows:
+                t = time_per_step(ATTACKS[r["name"]], model, x, y, args.time_steps, args.repeats, device)
+                r["s/step"], r["x linf step"] = f"{t:.4f}", f"{t / t_linf:.2f}"
+            columns += ["s/step", "x linf step"]
+        print_table(rows, columns)
+    if args.gallery:
+        gallery(args, names)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args()))

@@ -1,0 +1,76 @@
+"""Elastic attack: a smooth, low-resolution flow field warps the image (Kaufmann et al. 2023, "Testing Robustness
+Against Unforeseen Adversaries", arXiv 1908.08016; reference centerforaisafety/adversarial-corruptions
+attacks/elastic.py, described in shared/reference/semantic_attacks.md section 3.2).
+
+Latent:  a flow f (B, 2, ceil(H/s), ceil(W/s)), s = upsample_factor (CIFAR 2 -> 16 x 16), in grid_sample units
+         (the image spans [-1, 1]); channel 0 moves along x (columns), channel 1 along y (rows).
+Render:  F = bicubic upsampling of f to H x W (align_corners=False, no extra smoothing, as the 2023 reference);
+         x_adv = bilinear sample of x at identity + F, zero padding (content pulled from outside is black).
+Constraint: ||f||_2 <= eps per example over all 2 * (H/s) * (W/s) values (CIFAR: 512), yet the steps are SIGN steps
+         (as the reference; one CIFAR step has l_2 length 0.006 * sqrt(512) = 0.136, the ball saturates fast).
+Init:    f ~ U[-1, 1], then projected onto the l_2 ball: a random direction with norm eps (the raw norm is larger).
+Step:    f <- P_{||.||_2 <= eps}(f + step_size * direction * sign(grad_f))          (latent_pgd, step_rule "sign")
+
+Defaults: the CIFAR-10 "medium" level of the reference (section 2): eps 0.25, steps 30, step_size 0.006,
+upsample factor 2. LEVELS holds low / medium / high (only eps changes between levels).
+
+Deviations from the reference:
+- Consistent sampling grid (reference quirk 5.3a): the reference builds its identity grid with linspace(-1, 1) but
+  samples with align_corners=False, so even a zero flow halves the border pixels (dark frame, quarter-bright
+  corners). Here the grid and grid_sample both use align_corners=True (attacks._common.warp, run in float64 so
+  the identity holds to float32 precision): a zero flow returns x exactly. One grid unit is therefore
+  (W - 1) / 2 px instead of W / 2 px (15.5 vs 16 px on CIFAR).
+- H or W not divisible by upsample_factor: the flow has ceil(H/s) x ceil(W/s) cells (the reference assumes
+  divisibility).
+
+eps may be a float or a per-example (B,) tensor; direction +1 (maximise the loss) or -1, or a (B,) tensor.
+
+Depends on: attacks/_common.py
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from attacks._common import check_inputs, latent_pgd, per_sample, project_l2, warp
+
+# CIFAR-10 levels (reference section 2: eps from cifar10_config.py, step size / steps from models.sh)
+LEVELS = {
+    "low": {"eps": 0.1, "steps": 30, "step_size": 0.006},
+    "medium": {"eps": 0.25, "steps": 30, "step_size": 0.006},
+    "high": {"eps": 0.5, "steps": 30, "step_size": 0.006},
+}
+EPS_MEANING = "l_2 (per image) on the low-res flow, grid_sample units (image spans [-1, 1])"
+
+
+def render(x: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """Warp x by the bicubically upsampled flow (B, 2, h, w); zero flow gives x back exactly."""
+    full = F.interpolate(flow, size=x.shape[-2:], mode="bicubic", align_corners=False)   # (B, 2, H, W)
+    # DEVIATION: align_corners=True grid and sampling (reference mixes conventions) -- eps = 0 must be identity.
+    # Sampled in float64: in float32 the unnormalisation (g + 1) / 2 * (W - 1) rounds, and the identity grid
+    # reproduces x only to ~4e-6; in float64 it is exact after casting back.
+    out = warp(x.double(), full.permute(0, 2, 3, 1).double(), padding_mode="zeros")
+    return out.to(x.dtype).clamp(0.0, 1.0)
+
+
+def elastic(model, x, y, *, eps=0.25, steps=30, step_size=0.006, upsample_factor=2, direction=1, loss_fn=None,
+            generator=None):
+    """Elastic attack: sign-step PGD on an l_2-bounded low-resolution flow field; see the module docstring."""
+    check_inputs(x, y, eps)
+    if int(steps) != steps or steps < 0:
+        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    if not isinstance(step_size, torch.Tensor) and not step_size >= 0:
+        raise ValueError(f"step_size must be >= 0, got {step_size!r}")
+    if int(upsample_factor) != upsample_factor or upsample_factor < 1:
+        raise ValueError(f"upsample_factor must be an integer >= 1, got {upsample_factor!r}")
+    b, _, h, w = x.shape
+    eps_b = per_sample(eps, x)                                                  # (B, 1, 1, 1)
+    shape = (b, 2, math.ceil(h / upsample_factor), math.ceil(w / upsample_factor))
+    flow = 2 * torch.rand(shape, generator=generator, device=x.device, dtype=x.dtype) - 1   # U[-1, 1]
+
+    def project(f):
+        return project_l2(f, eps_b)
+
+    return latent_pgd(model, x, y, flow, lambda f: render(x, f), project, steps=int(steps), step_size=step_size,
+                      direction=direction, loss_fn=loss_fn, step_rule="sign")
