@@ -604,9 +604,9 @@ def evaluate_and_log(model, x, y, arms, names, weights, scenario, args, out_dir,
               **{f"test/{k}": v for k, v in agg.items()}, "time/eval_s": time.time() - t0}
     append_jsonl(out_dir / "log.jsonl", record)
     per = " ".join(f"{n} {a:.3f}" for n, a in res["attacks"].items())
-    print(f"{record['phase']} epoch {record['epoch']} | step {record['step']} | "
-          f"train loss {record.get('train/loss', float('nan')):.3f} | test clean {res['clean']:.3f} {per} | "
-          f"avg robust {agg['avg_robust']:.3f} | {record.get('time/epoch_s', 0):.1f}s", flush=True)
+    train = f"train loss {record['train/loss']:.3f} | " if "train/loss" in record else "starting model | "
+    print(f"{record['phase']} epoch {record['epoch']} | step {record['step']} | {train}test clean {res['clean']:.3f} "
+          f"{per} | avg robust {agg['avg_robust']:.3f} | {record.get('time/epoch_s', 0):.1f}s", flush=True)
     return {"clean": res["clean"], "attacks": res["attacks"], **agg}
 
 
