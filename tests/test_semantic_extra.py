@@ -5,7 +5,6 @@ tests/test_attacks.py; here each attack's own render/constraint is checked. Run:
     python -m pytest -q tests/test_semantic_extra.py
 """
 
-import math
 import unittest
 
 import torch
