@@ -67,6 +67,18 @@ def make_parser():
     g.add_argument("--log-every", type=int, default=50, help="iterations per bandit log window (pi, N, R)")
     g.add_argument("--pretrain-epochs", type=int, default=100,
                    help="l_p PGD-AT epochs when no --init-ckpt is given (lr 0.1, /10 at 50%% and 75%%)")
+    c = parser.add_argument_group("calibration of the semantic budgets (Eq. 11)")
+    c.add_argument("--eps-table", type=str, default="",
+                   help="JSON {attack: eps} overriding default budgets (e.g. eps_table.json of a --calibrate run)")
+    c.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=False,
+                   help="before fine-tuning, calibrate every semantic budget with Eq. (11) on the starting model")
+    c.add_argument("--calib-lambda", type=float, default=0.6,
+                   help="lambda_k of Eq. (11) (the paper gives no value; 0.6 grows eps when acc > 0.4, shrinks it below)")
+    c.add_argument("--calib-range", type=float, nargs=2, default=(0.2, 0.6), metavar=("LO", "HI"),
+                   help="target robust-accuracy range of the calibration (Sec. 5.1: 20%%-60%%)")
+    c.add_argument("--calib-rounds", type=int, default=6, help="at most this many Eq. (11) updates per attack")
+    c.add_argument("--calib-examples", type=int, default=500,
+                   help="first N TRAINING images (no augmentation) used to calibrate, so the test subset stays unseen")
     return parser
 
 
@@ -324,19 +336,62 @@ def attack_kwargs(name, eps, steps, for_eval=False):
     return kw
 
 
-def default_eps(name, dataset):
-    """The budget of arm `name`: the dataset's l_p budget (Sec. 5.1) or the attack's CIFAR-10 default."""
+def default_eps(name, dataset, eps_table=None):
+    """The budget of arm `name`: an --eps-table entry, the dataset's l_p budget (Sec. 5.1) or the attack's default."""
+    if eps_table and name in eps_table:
+        return eps_table[name]
     table = DEFAULT_EPS.get(dataset, DEFAULT_EPS["cifar10"])
     return table.get(name, inspect.signature(ATTACKS[name]).parameters["eps"].default)
 
 
-def make_arms(names, dataset, steps, for_eval=False):
+def make_arms(names, dataset, steps, for_eval=False, eps_table=None):
     """{name: attack(model, x, y) -> x_adv} closures at the given strength."""
     arms = {}
     for name in names:
-        kw = attack_kwargs(name, default_eps(name, dataset), steps, for_eval)
+        kw = attack_kwargs(name, default_eps(name, dataset, eps_table), steps, for_eval)
         arms[name] = (lambda fn, kw: (lambda model, x, y: fn(model, x, y, **kw)))(ATTACKS[name], kw)
     return arms
+
+
+def load_eps_table(path):
+    """--eps-table: JSON {attack: eps} with registered names and finite eps >= 0 (the format eval.py reads too)."""
+    if not path:
+        return {}
+    table = json.loads(Path(path).read_text())
+    if not isinstance(table, dict):
+        raise ValueError(f"--eps-table {path}: expected a JSON object {{attack: eps}}, got {type(table).__name__}")
+    attacks.registered(list(table))
+    bad = {k: v for k, v in table.items() if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0}
+    if bad:
+        raise ValueError(f"--eps-table {path}: eps must be finite numbers >= 0, got {bad}")
+    return {k: float(v) for k, v in table.items()}
+
+
+def calibrate(model, x_u8, y, names, dataset, eps_table, args):
+    """Eq. (11): eps_k <- (lambda_k + acc_adv[k]) * eps_k until acc_adv[k] lies in [lo, hi] (Sec. 5.1).
+
+    Only the semantic arms are calibrated (the l_p budgets and PPGD's bound are the paper's fixed values). acc_adv is
+    measured at full (evaluation) strength on the given images; at most --calib-rounds updates per attack.
+    Returns the new table and a per-attack report {eps, acc, rounds, in_range, history}.
+    """
+    lo, hi = args.calib_range
+    table, report = dict(eps_table), {}
+    for name in [n for n in names if n in attacks.SEMANTIC]:
+        eps, history = default_eps(name, dataset, table), []
+        for r in range(args.calib_rounds + 1):
+            arm = make_arms([name], dataset, args.eval_attack_steps, for_eval=True, eps_table={name: eps})
+            acc = evaluate(model, x_u8, y, arm, args.batch_size, args.seed)["attacks"][name]
+            history.append([eps, acc])
+            if lo <= acc <= hi or r == args.calib_rounds:
+                break
+            eps = (args.calib_lambda + acc) * eps                     # Eq. (11)
+        table[name] = eps
+        report[name] = {"eps": eps, "acc": acc, "rounds": len(history) - 1, "in_range": lo <= acc <= hi,
+                        "history": history}
+        print(f"calibrate {name:13s} eps {history[0][0]:.4g} -> {eps:.4g} | robust acc {acc:.3f} "
+              f"({'in' if lo <= acc <= hi else 'OUT OF'} range [{lo}, {hi}]) after {len(history) - 1} update(s)",
+              flush=True)
+    return table, report
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -453,13 +508,13 @@ def main(args):
     if args.init_ckpt:
         load_weights(model, args.init_ckpt)
     test_x, test_y = data["test_x"][: args.eval_examples], data["test_y"][: args.eval_examples]
-    eval_arms = make_arms(names, args.dataset, args.eval_attack_steps, for_eval=True)
+    eps_table = load_eps_table(args.eps_table)
     steps_per_epoch = math.ceil(len(data["train_y"]) / args.batch_size)
     phases = ([("pretrain", args.pretrain_epochs)] if not args.init_ckpt and args.pretrain_epochs > 0 else []) + \
         [("finetune", args.epochs)]
     data_gen = torch.Generator().manual_seed(args.seed)       # shuffling + augmentation, independent of the model
 
-    state = {"phase": 0, "epoch": 0, "step": 0, "results": {}, "time_s": 0.0}
+    state = {"phase": 0, "epoch": 0, "step": 0, "results": {}, "time_s": 0.0, "eps_table": eps_table}
     if resume is not None:
         model.load_state_dict(resume["model"])
         state = {k: resume[k] for k in state}
@@ -477,7 +532,14 @@ def main(args):
             train_arms, train_names, sampler = make_arms([pre_attack], args.dataset, args.attack_steps), [pre_attack], None
             scheduler = make_schedule(optimizer, "piecewise", total_steps)
         else:
-            train_arms, train_names = make_arms(names, args.dataset, args.attack_steps), names
+            if args.calibrate and not (resume is not None and p_idx == resume["phase"]):
+                calib_x = data["train_x"][: args.calib_examples]
+                state["eps_table"], report = calibrate(model, calib_x, data["train_y"][: args.calib_examples], names,
+                                                       args.dataset, state["eps_table"], args)
+                write_json(out_dir / "eps_table.json", state["eps_table"])
+                write_json(out_dir / "calibration.json", report)
+            eps_table = state["eps_table"]
+            train_arms, train_names = make_arms(names, args.dataset, args.attack_steps, eps_table=eps_table), names
             sampler = make_sampler(args, weights)
             scheduler = make_schedule(optimizer, args.schedule, total_steps)
         first_epoch = 0
@@ -488,6 +550,7 @@ def main(args):
                 sampler.load_state_dict(resume["sampler"])
             first_epoch = resume["epoch"]
         elif phase == "finetune":   # epoch 0 = the starting model, so results hold "before" and "after"
+            eval_arms = make_arms(names, args.dataset, args.eval_attack_steps, for_eval=True, eps_table=eps_table)
             state["results"]["initial"] = evaluate_and_log(model, test_x, test_y, eval_arms, names, weights, scenario,
                                                            args, out_dir, {"phase": phase, "epoch": 0,
                                                                            "step": state["step"]})
@@ -524,7 +587,8 @@ def main(args):
             last = epoch + 1 == n_epochs or (args.max_steps and phase_step >= args.max_steps)
             if (epoch + 1) % args.eval_every == 0 or last:
                 ev_names = names if phase == "finetune" else train_names
-                ev_arms = make_arms(ev_names, args.dataset, args.eval_attack_steps, for_eval=True)
+                ev_arms = make_arms(ev_names, args.dataset, args.eval_attack_steps, for_eval=True,
+                                    eps_table=state["eps_table"])
                 res = evaluate_and_log(model, test_x, test_y, ev_arms, ev_names, scenario_weights(ev_names, scenario),
                                        scenario, args, out_dir, record)
                 state["results"][f"{phase}_last"] = res
@@ -546,11 +610,11 @@ def main(args):
 
     wall = time.time() - t_start
     save_checkpoint(out_dir / "model.pt", {"format": 1, "model": model.state_dict(), "args": vars(args),
-                                           **model_meta(args, data, names, weights)})
+                                           **model_meta(args, data, names, weights, state["eps_table"])})
     results = {"initial": state["results"].get("initial"), "final": state["results"].get("finetune_last"),
                "pretrain": state["results"].get("pretrain_last"), "steps": state["step"],
                "time/total_s": wall, "attacks": names, "weights": weights, "sampler": args.sampler,
-               "eval_examples": len(test_y)}
+               "eval_examples": len(test_y), "eps_table": state["eps_table"]}
     write_json(out_dir / "results.json", results)
     print(f"done in {wall:.1f}s: {out_dir / 'results.json'}", flush=True)
     return results
@@ -610,10 +674,10 @@ def evaluate_and_log(model, x, y, arms, names, weights, scenario, args, out_dir,
     return {"clean": res["clean"], "attacks": res["attacks"], **agg}
 
 
-def model_meta(args, data, names, weights):
+def model_meta(args, data, names, weights, eps_table=None):
     return {"arch": "preact_resnet18", "width": args.width, "activation": args.activation,
             "num_classes": data["num_classes"], "dataset": args.dataset, "mean": list(data["mean"]),
-            "std": list(data["std"]), "attacks": names, "weights": weights}
+            "std": list(data["std"]), "attacks": names, "weights": weights, "eps_table": dict(eps_table or {})}
 
 
 def load_resume(args):

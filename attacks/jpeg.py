@@ -61,6 +61,7 @@ def dct_matrix(n: int = BLOCK, device=None, dtype=None) -> torch.Tensor:
 
 def colour_matrices(device=None, dtype=None):
     """The RGB -> YCbCr matrix, its exact inverse and the chroma offset, as (3, 3), (3, 3), (1, 3, 1, 1)."""
+    # DEVIATION: exact inverse instead of the rounded JPEG constants -- the round trip at q = 0 is exact
     m = torch.tensor(RGB_TO_YCBCR, dtype=torch.float64)
     kw = {"device": device, "dtype": dtype}
     return m.to(**kw), torch.linalg.inv(m).to(**kw), torch.tensor(CHROMA_OFFSET, **kw).view(1, 3, 1, 1)

@@ -62,6 +62,7 @@ def shape_masks(b: int, n: int, h: int, w: int, size: float, *, device, dtype, g
     dx = torch.arange(w, device=device, dtype=dtype).view(1, 1, 1, w) - centre[..., 1, None, None]   # (B, N, 1, W)
     u = dx * torch.cos(angle) + dy * torch.sin(angle)                                  # (B, N, H, W) rotated frame
     v = -dx * torch.sin(angle) + dy * torch.cos(angle)
+    # DEVIATION: analytic distance / half-plane tests (reference: Python scan-line fill) -- vectorised
     circle = dx ** 2 + dy ** 2 <= (size / 2) ** 2
     square = torch.maximum(u.abs(), v.abs()) <= size / 2
     edge = math.floor(TRIANGLE_SCALE * size)

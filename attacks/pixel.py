@@ -45,6 +45,7 @@ def upsample_blocks(t: torch.Tensor, size: int, h: int, w: int) -> torch.Tensor:
 def render(x: torch.Tensor, weights: torch.Tensor, *, pixel_size: int) -> torch.Tensor:
     """Blend every pixel towards its block's top-left pixel by the block's weight; weights (B, C, h/P, w/P)."""
     h, w = x.shape[-2:]
+    # DEVIATION (sizes not divisible by P only): partial blocks are cropped (reference: resize, then crop)
     corner = x[:, :, ::pixel_size, ::pixel_size]                          # (B, C, ceil(H/P), ceil(W/P))
     p = upsample_blocks(weights, pixel_size, h, w)                        # (B, C, H, W)
     return ((1 - p) * x + p * upsample_blocks(corner, pixel_size, h, w)).clamp(0.0, 1.0)

@@ -72,6 +72,7 @@ def flake_kernels(b: int, layers: int, size: int, blur_size: int, *, device, dty
     # distance from every tap to the segment [-end, +end] (the streak mirrored through the centre)
     along = ((taps * end).sum(-1) / (end * end).sum(-1)).clamp(-1.0, 1.0)   # (n, k, k)
     dist = (taps - along[..., None] * end).norm(dim=-1)
+    # DEVIATION: analytic streaks for all kernels at once (reference: numpy line drawing in a loop) -- vectorised
     # trapezoid profile across the streak: full within (width - 1) / 2 of the centre line, then a linear fall-off;
     # the thick part only in the streak's own quadrants (u v >= 0), where the reference's one-sided line spans
     # reach; elsewhere the 1-px anti-aliased core (so 3 x 3 kernels of width >= 3 keep their far corners at 0)

@@ -102,6 +102,35 @@ class TestCasOutputs(ScriptTest):
         self.assertEqual(init["clean"], base_final["clean"])   # same weights, same eval subset -> same accuracy
 
 
+class TestCalibration(ScriptTest):
+    def test_calibrate_follows_eq_11_and_the_table_is_reused(self):
+        out = self.tmp / "calib"
+        lam, lo, hi, rounds = 0.6, 0.2, 0.6, 2
+        run_script("cas.py", *FAST[:-1], "linf,fog", "--init-ckpt", self.base / "model.pt", "--epochs", "1",
+                   "--max-steps", "1", "--calibrate", "--calib-examples", "16", "--calib-rounds", rounds,
+                   "--calib-lambda", lam, "--out-dir", out)
+        report = json.loads((out / "calibration.json").read_text())
+        table = json.loads((out / "eps_table.json").read_text())
+        self.assertEqual(set(report), {"fog"})   # only semantic arms are calibrated; l_p budgets are fixed
+        hist = report["fog"]["history"]
+        self.assertEqual(hist[0][0], 0.4)        # starts from the attack's CIFAR-10 medium eps
+        for (eps, acc), (eps_next, _) in zip(hist, hist[1:]):
+            self.assertFalse(lo <= acc <= hi)    # an update happens only outside the target range
+            self.assertAlmostEqual(eps_next, (lam + acc) * eps, places=12)   # Eq. (11)
+        self.assertLessEqual(len(hist), rounds + 1)
+        self.assertEqual(table["fog"], hist[-1][0])
+        self.assertEqual(torch.load(out / "model.pt", weights_only=True)["eps_table"], table)
+        # the written table is accepted back by --eps-table (and by eval.py, same format)
+        reuse = self.tmp / "calib_reuse"
+        run_script("cas.py", *FAST[:-1], "linf,fog", "--init-ckpt", self.base / "model.pt", "--epochs", "1",
+                   "--max-steps", "1", "--eps-table", out / "eps_table.json", "--out-dir", reuse)
+        self.assertEqual(json.loads((reuse / "results.json").read_text())["eps_table"], table)
+        (self.tmp / "bad_table.json").write_text(json.dumps({"fog": -1.0}))
+        proc = run_script("cas.py", *FAST, "--eps-table", self.tmp / "bad_table.json", "--out-dir", reuse / "x",
+                          expect=1)
+        self.assertIn("eps must be finite numbers >= 0", proc.stderr)
+
+
 class TestResumeAndDeterminism(ScriptTest):
     def test_resume_after_interruption_matches_uninterrupted_run(self):
         # 2 epochs x 4 steps (256 fake images, batch 64); the crash after step 6 loses half of epoch 2

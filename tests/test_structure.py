@@ -51,7 +51,7 @@ class TestStructure(unittest.TestCase):
 
     def test_readme_attack_table_matches_registry(self):
         readme = (ROOT / "README.md").read_text()
-        section = readme.split("<!-- attack-table -->")[1]
+        section = readme.split("<!-- attack-table -->")[1].split("<!-- /attack-table -->")[0]
         names = re.findall(r"^\| `(\w+)` \|", section, re.M)
         self.assertEqual(sorted(names), sorted(attacks.ATTACKS), "README attack table drifted from ATTACKS")
 
