@@ -1,6 +1,6 @@
 """theory.py -- an honest numerical audit of the closed-form claims of the two papers.
 
-Papers (full text in ../shared/papers/):
+Papers:
   CAAT  X. Zhou, O. Wu, N. Yang, "Adversarial Training with Anti-adversaries", Section 3
         (Theorems 1-6, Corollaries 1-7, Eqs. (3)-(17)) and Section 5 (regularisation view, Eqs. (36)-(44)).
   CAS   R. Wang, Z. Wei, X. Zhang, M. Sun, "Calibrated Adversarial Sampling: Multi-Armed Bandit-Guided
