@@ -1,0 +1,1046 @@
+"""Reinforce-CAAT -- Combining Adversaries and Anti-adversaries in Training (Zhou, Wu, Yang), Sec. 4.4, Algorithm 2.
+
+A strategy network f_Omega maps six training characteristics zeta (Eqs. 20-24) to ONE categorical over 26 signed
+bounds {-15..-3, +3..+15}/255 (sign = direction: + adversary, - anti-adversary; magnitude = l_inf bound). Every
+sample draws one strategy; the classifier takes one SGD step on the per-sample losses of Eq. (31) (adversary:
+CE + lam KL, TRADES; anti-adversary: CE(f(x_anti), y)), with FRL's class weights (Eq. 19). Every K classifier steps
+f_Omega takes one REINFORCE step (Eqs. 33-35) with reward +L0 for adversaries and -L1 for anti-adversaries; by
+default with a per-direction baseline, std normalisation and an entropy bonus (spec caat.md), or, with
+--literal-reinforce, the paper's baseline-free Eq. (34) (an ablation: it collapses to "always adversarial, largest
+bound"). Comments "Eq. (k)" and "Alg. 2, line n" refer to the CAAT paper; open choices: README.md#caat_reinforcepy.
+
+    python caat_reinforce.py --dataset cifar10                                                  # Alg. 2, scratch
+    python caat_reinforce.py --dataset cifar10 --scenario noisy --noise pairflip --noise-rate 0.2
+    python caat_reinforce.py --dataset cifar10 --literal-reinforce                              # Eq. (34) ablation
+    python caat_reinforce.py --dataset fake --device cpu --width 8 --epochs 1 --max-steps 2 --attack-steps 1 \
+        --eval-examples 8                                                                       # smoke test
+
+Writes args.json, corruption.pt, log.jsonl, ckpt.pt, model.pt, results.json into the run directory printed first.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from attacks import ATTACKS
+
+SCRIPT = "caat_reinforce"
+BOUNDS_255 = tuple(range(3, 16))   # Sec. 4.4: "bound from 3 to 15" (/255), inclusive as in LAS-AT (reference R1)
+SIGNED_BOUNDS_255 = tuple(-b for b in reversed(BOUNDS_255)) + BOUNDS_255   # action k -> signed bound (26)
+FIRST_ADV = len(BOUNDS_255)   # actions < 13 are anti-adversaries (-15..-3), actions >= 13 adversaries (+3..+15)
+FRL_HALVE_EVERY = 40   # FRL halves its multiplier rate every 40 epochs (reference 1.2)
+EVAL_STEP = 2 / 255    # test / validation PGD step (FRL, reference 1.6, D4)
+ADV_STD_FLOOR = 1e-8   # advantage = (r - group mean) / (batch std + 1e-8) (reference R4)
+
+
+def make_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_flags(parser)
+    parser.set_defaults(epochs=100, lr=0.1)   # spec caat.md: from scratch, 100 epochs, lr 0.1 (x0.1 at 50%, 75%)
+    g = parser.add_argument_group("Reinforce-CAAT (Alg. 2)")
+    g.add_argument("--scenario", type=str, default="standard", choices=("standard", "noisy", "longtail"))
+    g.add_argument("--noise", type=str, default="uniform", choices=("uniform", "pairflip"), help="Sec. 6.3")
+    g.add_argument("--noise-rate", type=float, default=0.2, help="r: fraction of training labels resampled")
+    g.add_argument("--imbalance", type=float, default=10.0, help="IF of the long-tailed profile (Cui et al.)")
+    g.add_argument("--meta-per-class", type=int, default=0,
+                   help="clean validation images per class for the FRL multipliers (0 = 300; 5 for --dataset fake)")
+    g.add_argument("--eps", type=fraction, default=8 / 255, help="test / validation PGD bound (Sec. 6.1)")
+    g.add_argument("--lam", type=fraction, default=0.005, help="lambda of Eq. (30) (paper: 0.005 CIFAR-10, 0.1 SVHN)")
+    g.add_argument("--lam-reduction", type=str, default="mean", choices=("mean", "sum"),
+                   help="mean: lam per sample (literal); sum: the KL summed over the batch, i.e. lam x n per sample")
+    g.add_argument("--hidden", type=int, default=100, help="hidden width of the strategy net f_Omega")
+    g.add_argument("--policy-interval", type=int, default=20, help="K of Alg. 2: classifier steps per Omega step")
+    g.add_argument("--policy-lr", type=float, default=1e-3, help="eta_2 of Eq. (35) (Adam)")
+    g.add_argument("--policy-weight-decay", type=float, default=1e-4)
+    g.add_argument("--policy-clip", type=float, default=1.0, help="gradient-norm clip of the Omega step")
+    g.add_argument("--entropy-coef", type=float, default=0.01, help="entropy bonus of the Omega step")
+    g.add_argument("--literal-reinforce", action=argparse.BooleanOptionalAction, default=False,
+                   help="Eq. (34) as printed: raw rewards, no baseline / normalisation / entropy (ablation)")
+    g.add_argument("--fairness", action=argparse.BooleanOptionalAction, default=True,
+                   help="FRL ReWeight constraints of Eq. (19) (class weights on the losses)")
+    g.add_argument("--tau1", type=float, default=0.05, help="natural-error slack of Eq. (19)")
+    g.add_argument("--tau2", type=float, default=0.05, help="boundary-error slack of Eq. (19)")
+    g.add_argument("--frl-rate", type=float, default=0.05, help="multiplier step (boundary: 2x), halved every 40 ep.")
+    g.add_argument("--frl-limit", type=float, default=0.5, help="cap on the sum of each multiplier vector")
+    g.add_argument("--val-attack-steps", type=int, default=20, help="PGD steps on the validation split (FRL)")
+    g.add_argument("--schedule", type=str, default="piecewise", choices=("piecewise", "constant"),
+                   help="lr x0.1 at 50%% and x0.01 at 75%% of the iterations, or constant (FRL's fine-tuning)")
+    # DEVIATION: per-epoch test metrics with PGD-10 and PGD-20 (FRL's eval), not the paper's PGD-100 -- cost
+    g.add_argument("--eval-pgd-steps", type=str, default="10,20", help="PGD steps of the per-epoch test metrics")
+    return parser
+
+
+def get_args(argv=None):
+    return make_parser().parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sec. 4.2 and 4.3.1: characteristics and bound (shared with caat_meta.py; Reinforce-CAAT uses the former only)
+# ----------------------------------------------------------------------------------------------------------------
+
+# ==== BEGIN SHARED: caat-characteristics (canonical: caat_meta.py; identical in caat_reinforce.py; tests/test_copies.py) ====
+CHARACTERISTICS = ("loss", "margin", "grad_norm", "entropy", "class_prop", "class_loss")   # zeta_1..zeta_6
+CLASS_LOSS_MOMENTUM = 0.99   # zeta_6 is an EMA over batches (spec caat.md, reference C1)
+
+
+def raw_characteristics(logits, y, class_counts, class_loss):
+    """The six training characteristics zeta_x of Sec. 4.2, unscaled, (B, 6). Implements Eqs. (20)-(24).
+
+    logits: (B, C) on the clean x (caller: eval mode, no grad); class_counts: (C,) training label counts N_c;
+    class_loss: (C,) running mean clean CE of each class.
+    """
+    p = F.softmax(logits.float(), 1)
+    onehot = F.one_hot(y, p.shape[1]).to(p.dtype)
+    loss = F.cross_entropy(logits.float(), y, reduction="none")                        # zeta_1: CE loss
+    margin = (p * onehot).sum(1) - p.masked_fill(onehot.bool(), float("-inf")).amax(1)   # Eq. (20)
+    grad_norm = (onehot - p).norm(dim=1)                                                # Eq. (21)
+    entropy = -(p * torch.log2(p.clamp_min(1e-30))).sum(1)                             # Eq. (22), bits
+    counts = class_counts.to(p.dtype)
+    prop = counts[y] / counts.sum()                                                     # Eq. (23)
+    return torch.stack([loss, margin, grad_norm, entropy, prop, class_loss.to(p.dtype)[y]], 1)   # Eq. (24)
+
+
+def scale_characteristics(z, num_classes):
+    """Fixed analytic scaling of zeta to O(1), no batch statistics (reference C2): zeta_1/ln C in [0, 5], zeta_2,
+    zeta_3/sqrt 2, zeta_4/log2 C, log(C zeta_5) (0 when balanced), zeta_6/ln C."""
+    ln_c = math.log(num_classes)
+    return torch.stack([(z[:, 0] / ln_c).clamp(0, 5), z[:, 1], z[:, 2] / math.sqrt(2), z[:, 3] / math.log2(num_classes),
+                        torch.log((z[:, 4] * num_classes).clamp_min(1e-12)), z[:, 5] / ln_c], 1)
+
+
+def update_class_loss(class_loss, losses, y, momentum=CLASS_LOSS_MOMENTUM):
+    """zeta_6 bookkeeping: per-class EMA of the batch's mean clean CE; classes absent from the batch keep theirs."""
+    n = torch.bincount(y, minlength=class_loss.numel()).to(class_loss.dtype)
+    total = torch.zeros_like(class_loss).index_add_(0, y, losses.to(class_loss.dtype))
+    return torch.where(n > 0, momentum * class_loss + (1 - momentum) * total / n.clamp_min(1), class_loss)
+# ==== END SHARED: caat-characteristics ====
+
+
+# ==== BEGIN SHARED: caat-bound (canonical: caat_meta.py; identical in caat_reinforce.py; tests/test_copies.py) ====
+def input_grad_norms(model, logits_clean, x_adv, x_anti, y):
+    """g of Eq. (26): ||d KL(f(x) || f(x_adv)) / d x_adv||_2 and ||d CE(f(x_anti), y) / d x_anti||_2, each (B,)."""
+    p_clean = F.softmax(logits_clean.detach().float(), 1)
+    xa, xt = x_adv.detach().requires_grad_(True), x_anti.detach().requires_grad_(True)
+    kl = F.kl_div(F.log_softmax(model(xa), 1), p_clean, reduction="sum")   # per-sample terms are independent
+    ce = F.cross_entropy(model(xt), y, reduction="sum")
+    (g_adv,) = torch.autograd.grad(kl, [xa])
+    (g_anti,) = torch.autograd.grad(ce, [xt])
+    return g_adv.flatten(1).norm(dim=1), g_anti.flatten(1).norm(dim=1)
+
+
+def grad_bound(g_adv, g_anti, a, b, eps, offset=0.9):
+    """Eq. (26): eps_x = (a g_adv_bar + b g_anti_bar + offset) eps, with g_bar = g / (batch max of g) in [0, 1].
+
+    a, b: (B,) direction weights alpha_x, beta_x (detached); so eps_x lies in [offset eps, (1 + offset) eps].
+    """
+    g_adv_bar = g_adv / g_adv.max().clamp_min(1e-12)     # "normalized" gradient norms (reference M5)
+    g_anti_bar = g_anti / g_anti.max().clamp_min(1e-12)
+    return (a * g_adv_bar + b * g_anti_bar + offset) * eps
+# ==== END SHARED: caat-bound ====
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sec. 4.4: the strategy network and its REINFORCE step (Eqs. 33-35)
+# ----------------------------------------------------------------------------------------------------------------
+
+class StrategyNet(nn.Module):
+    """f_Omega: zeta (B, 6) -> MLP with one hidden layer -> logits (B, 26) of p(s | zeta, Omega) over signed bounds."""
+
+    def __init__(self, hidden=100):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(len(CHARACTERISTICS), hidden), nn.ReLU(),
+                                 nn.Linear(hidden, len(SIGNED_BOUNDS_255)))
+        nn.init.zeros_(self.net[2].weight)   # uniform start over the 26 strategies (reference R1)
+        nn.init.zeros_(self.net[2].bias)
+
+    def forward(self, zeta):
+        return self.net(zeta)
+
+
+def sample_strategy(policy, zeta):
+    """Alg. 2, line 4: one strategy s_i ~ p(s | zeta_i, Omega) per sample (global torch RNG). -> actions (B,), probs."""
+    with torch.no_grad():
+        probs = F.softmax(policy(zeta), 1)                                  # (B, 26)
+    return torch.multinomial(probs, 1).squeeze(1), probs
+
+
+def advantages(rewards, adv):
+    """Reference R4: reward minus the mean reward of its direction group, over the batch std of the rewards."""
+    advf = adv.to(rewards.dtype)
+    mean_adv = (rewards * advf).sum() / advf.sum().clamp_min(1)
+    mean_anti = (rewards * (1 - advf)).sum() / (1 - advf).sum().clamp_min(1)
+    return (rewards - torch.where(adv, mean_adv, mean_anti)) / (rewards.std(unbiased=False) + ADV_STD_FLOOR)
+
+
+def policy_step(policy, popt, zeta, actions, rewards, adv, literal, entropy_coef, clip):
+    """Eqs. (34)-(35): one gradient ASCENT step of Omega on (1/n) sum_i A_i log p(s_i | zeta_i) (+ entropy bonus).
+
+    rewards: (B,) = +L0 for adversaries, -L1 for anti-adversaries (detached). literal: A_i = rewards, exactly Eq. (34)
+    (every adversarial action is reinforced, every anti-adversarial one suppressed -> collapse, reference 7.2).
+    """
+    logp_all = F.log_softmax(policy(zeta), 1)                                # (B, 26), recomputed with grad
+    logp = logp_all.gather(1, actions[:, None]).squeeze(1)
+    entropy = -(logp_all.exp() * logp_all).sum(1).mean()
+    if literal:
+        objective = (rewards * logp).mean()                                 # Eq. (34) as printed
+    else:
+        # DEVIATION: baseline + std normalisation + entropy bonus -- Eq. (34) has no baseline and collapses (7.2)
+        objective = (advantages(rewards, adv) * logp).mean() + entropy_coef * entropy
+    popt.zero_grad(set_to_none=True)
+    (-objective).backward()                                                 # Eq. (35): Omega + eta_2 grad
+    torch.nn.utils.clip_grad_norm_(policy.parameters(), clip)
+    popt.step()
+    return {"objective": objective.detach(), "entropy": entropy.detach()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One iteration of Algorithm 2 (lines 3-5): characteristics, strategies, perturbations, classifier step (Eq. 31)
+# ----------------------------------------------------------------------------------------------------------------
+
+def perturb(model, x, y, logits_clean, eps, adv, steps, seed):
+    """Alg. 2, line 4 (with Alg. 1, lines 5, 7-10): one perturbation per sample from x + 0.001 N(0, I), K sign steps
+    of eps_i/4 inside the sample's own l_inf ball: ascend KL(f(x) || f(x_adv)) (adv) or descend CE(f(x_anti), y)."""
+    p_clean = F.softmax(logits_clean.detach(), 1)
+
+    def objective(logits, y):   # (B,): the adversary's or the anti-adversary's loss, per sample
+        kl = F.kl_div(F.log_softmax(logits, 1), p_clean, reduction="none").sum(1)
+        return torch.where(adv, kl, F.cross_entropy(logits, y, reduction="none"))
+
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    return ATTACKS["linf"](model, x, y, eps=eps, steps=steps, step_size=eps / 4, init="trades",
+                           direction=adv.float() * 2 - 1, loss_fn=objective, generator=gen)
+
+
+def train_step(model, policy, opt, x, y, ctx, args):
+    """Alg. 2, lines 3-5. Returns zeta, actions, rewards (for the Omega step) and logging tensors (no host sync)."""
+    model.eval()   # attacks are generated in eval mode (BN running stats frozen); see README "Implementation details" #3
+    with torch.no_grad():   # Sec. 4.2: characteristics on the clean x, then the zeta_6 EMA update
+        logits_clean = model(x)
+        raw = raw_characteristics(logits_clean, y, ctx["class_counts"], ctx["class_loss"])
+        zeta = scale_characteristics(raw, ctx["num_classes"])
+        ctx["class_loss"] = update_class_loss(ctx["class_loss"], raw[:, 0], y)
+    actions, probs = sample_strategy(policy, zeta)                          # Alg. 2, line 4
+    signed = ctx["signed_bounds"][actions]                                  # (B,) in /255
+    adv, eps = signed > 0, signed.abs() / 255
+    x_tilde = perturb(model, x, y, logits_clean, eps, adv, args.attack_steps, int(torch.randint(0, 2 ** 62, (1,))))
+    model.train()
+    logits, logits_tilde = model(x), model(x_tilde)
+    ce = F.cross_entropy(logits, y, reduction="none")
+    kl = F.kl_div(F.log_softmax(logits_tilde, 1), F.softmax(logits, 1), reduction="none").sum(1)   # TRADES
+    anti = F.cross_entropy(logits_tilde, y, reduction="none")
+    lam = args.lam * len(y) if args.lam_reduction == "sum" else args.lam   # reference 7.3
+    advf, w_nat, w_bdy = adv.float(), ctx["w_nat"][y], ctx["w_bdy"][y]
+    # Eq. (31) with FRL's class weights (reference C3): adversaries CE + lam KL, anti-adversaries CE(f(x_anti), y);
+    # uniform weights give (1/n) sum_i l(f(x_tilde_i), y_i)
+    loss = ((advf * w_nat * ce).sum() / w_nat.sum() + lam * (advf * w_bdy * kl).sum() / w_bdy.sum()
+            + ((1 - advf) * w_nat * anti).sum() / w_nat.sum())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()                                                              # Alg. 2, line 5
+    rewards = torch.where(adv, ce + lam * kl, -anti).detach()              # +L0 / -L1 of Eq. (34), before the step
+    return {"zeta": zeta, "actions": actions, "rewards": rewards, "adv": adv, "eps": eps, "loss": loss.detach(),
+            "margin": raw[:, 1], "p_adv": probs[:, FIRST_ADV:].sum(1)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data scenarios and FRL multipliers -- the same as caat_meta.py's (no shared block there; copied, keep in step)
+# ----------------------------------------------------------------------------------------------------------------
+
+def split_meta(y, per_class, num_classes):
+    """Indices of the last `per_class` images of every class (FRL's validation split) and of the rest."""
+    meta = []
+    for c in range(num_classes):
+        idx = (y == c).nonzero().flatten()
+        if len(idx) <= per_class:
+            raise ValueError(f"class {c} has {len(idx)} training images, not more than --meta-per-class {per_class}")
+        meta.append(idx[-per_class:])
+    meta = torch.cat(meta).sort().values
+    keep = torch.ones(len(y), dtype=torch.bool, device=y.device)
+    keep[meta] = False
+    return meta, keep.nonzero().flatten()
+
+
+def corrupt_labels(y, kind, rate, num_classes, generator):
+    """Noisy labels (MW-Net): uniform = with prob. r resample over ALL classes (realised rate r(C-1)/C);
+    pairflip ('flip2') = with prob. r move to one of two random other classes fixed per class. -> (labels, pairs)."""
+    if num_classes < 3:
+        raise ValueError(f"noisy labels need >= 3 classes, got {num_classes}")
+    flip = torch.rand(len(y), generator=generator) < rate
+    pairs = torch.stack([torch.randperm(num_classes - 1, generator=generator)[:2] for _ in range(num_classes)])
+    pairs = pairs + (pairs >= torch.arange(num_classes)[:, None]).long()   # (C, 2) other classes, never c itself
+    if kind == "uniform":
+        new = torch.randint(0, num_classes, (len(y),), generator=generator)
+    else:
+        new = pairs[y, torch.randint(0, 2, (len(y),), generator=generator)]
+    return torch.where(flip, new, y), pairs
+
+
+def longtail_index(y, imbalance, num_classes, generator):
+    """Cui et al.: class c keeps n_c = floor(n_max (1/IF)^(c/(C-1))) images (a seeded random subset)."""
+    n_max = int(torch.bincount(y, minlength=num_classes).max())
+    keep = []
+    for c in range(num_classes):
+        n_c = int(n_max * (1.0 / imbalance) ** (c / (num_classes - 1)))
+        idx = (y == c).nonzero().flatten()
+        keep.append(idx[torch.randperm(len(idx), generator=generator)[:n_c]])
+    return torch.cat(keep).sort().values
+
+
+def build_scenario(args, data):
+    """Validation split first (clean), then noise or long tail on the rest only (MW-Net order, reference D1)."""
+    num_classes, y_all = data["num_classes"], data["train_y"].cpu()
+    gen = torch.Generator().manual_seed(args.seed)
+    meta_idx, train_idx = split_meta(y_all, args.meta_per_class, num_classes)
+    if args.scenario == "longtail":
+        train_idx = train_idx[longtail_index(y_all[train_idx], args.imbalance, num_classes, gen)]
+    y_clean = y_all[train_idx]
+    y_train, pairs = y_clean, torch.zeros(0, 2, dtype=torch.long)
+    if args.scenario == "noisy":
+        y_train, pairs = corrupt_labels(y_clean, args.noise, args.noise_rate, num_classes, gen)
+    dev = data["train_x"].device
+    return {"train_x": data["train_x"][train_idx.to(dev)], "train_y": y_train.to(dev),
+            "noisy": (y_train != y_clean).to(dev), "meta_x": data["train_x"][meta_idx.to(dev)],
+            "meta_y": y_all[meta_idx].to(dev), "class_counts": torch.bincount(y_train, minlength=num_classes).to(dev),
+            "saved": {"train_index": train_idx, "meta_index": meta_idx, "label_clean": y_clean,
+                      "label_train": y_train, "pairflip_targets": pairs}}
+
+
+class Fairness:
+    """FRL ReWeight multipliers phi_nat / phi_bdy (Eq. 19 "solved as Xu et al."; reference 1.2, C3)."""
+
+    def __init__(self, num_classes, args):
+        self.C, self.args = num_classes, args
+        self.phi = {k: torch.zeros(num_classes) for k in ("nat", "bdy")}
+
+    def update(self, nat_err, rob_err, epoch):
+        """One projected multiplier-ascent step on the class violations measured on the validation split."""
+        a, rate = self.args, self.args.frl_rate * 0.5 ** (epoch // FRL_HALVE_EVERY)
+        bdy_err = rob_err - nat_err
+        viol = {"nat": nat_err - nat_err.mean() - a.tau1, "bdy": bdy_err - bdy_err.mean() - a.tau2}
+        for k, step in (("nat", rate), ("bdy", 2 * rate)):                  # boundary: twice the rate (FRL)
+            phi = (self.phi[k] + step * viol[k]).clamp_min(0)
+            self.phi[k] = phi * a.frl_limit / phi.sum() if phi.sum() > a.frl_limit else phi
+
+    def class_weight(self, k):
+        """w(c) = 1/C + phi(c) - (1/C) sum_j phi(j) (FRL's cost-sensitive Lagrangian weights), (C,)."""
+        return 1.0 / self.C + self.phi[k] - self.phi[k].sum() / self.C
+
+    def state_dict(self):
+        return dict(self.phi)
+
+    def load_state_dict(self, d):
+        self.phi = {k: v.clone() for k, v in d.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics: class-wise natural / boundary / robust errors (Eqs. 45-47, as caat_meta.py) and the strategy statistics
+# ----------------------------------------------------------------------------------------------------------------
+
+def class_error(correct, y, num_classes):
+    """Per-class error (C,), NaN for classes absent from y."""
+    n = torch.bincount(y, minlength=num_classes).float()
+    hit = torch.zeros(num_classes, device=y.device).index_add_(0, y, correct.float())
+    return torch.where(n > 0, 1 - hit / n.clamp_min(1), torch.full_like(n, float("nan"))).cpu()
+
+
+def fairness_metrics(model, x_u8, y, steps_list, eps, num_classes, args):
+    """Average (mean over classes) and worst-class natural, boundary and robust error, PGD-k for k in steps_list."""
+    fns = {f"pgd{k}": (lambda k: lambda m, xb, yb: ATTACKS["linf"](m, xb, yb, eps=eps, steps=k, step_size=EVAL_STEP,
+                                                                   init="uniform"))(k) for k in steps_list}
+    res = evaluate(model, x_u8, y, fns, args.batch_size, args.seed)
+    nat = class_error(res["correct"]["clean"], y, num_classes)
+    ok = ~nat.isnan()
+    out = {"nat_err": nat, "nat_err_avg": nat[ok].mean().item(), "nat_err_worst": nat[ok].max().item()}
+    for name in fns:
+        rob = class_error(res["correct"][name], y, num_classes)
+        out.update({f"{name}/rob_err": rob, f"{name}/rob_err_avg": rob[ok].mean().item(),
+                    f"{name}/rob_err_worst": rob[ok].max().item(), f"{name}/bdy_err_avg": (rob - nat)[ok].mean().item(),
+                    f"{name}/bdy_err_worst": (rob - nat)[ok].max().item()})
+    return out
+
+
+def plain(v):
+    """JSON-safe value: tensors to lists, NaN (an empty class or bucket) to None."""
+    if isinstance(v, torch.Tensor):
+        return [None if math.isnan(e) else e for e in v.tolist()]
+    return v
+
+
+def new_stats(C, device):
+    z = lambda n: torch.zeros(n, device=device)   # noqa: E731
+    return {"n": z(C), "adv": z(C), "eps": z(C), "n_split": z(2), "adv_split": z(2), "hist": z(len(SIGNED_BOUNDS_255)),
+            "margin": z(len(SIGNED_BOUNDS_255)), "p_adv": z(1), "loss": z(1), "policy_obj": z(1), "policy_ent": z(1)}
+
+
+def accumulate(acc, y, noisy, s):
+    """Epoch sums on the device: per class, clean/noisy split (index 1 = noisy label), per signed-bound bucket."""
+    advf, ones = s["adv"].float(), torch.ones_like(s["eps"])
+    acc["n"].index_add_(0, y, ones)
+    acc["adv"].index_add_(0, y, advf)
+    acc["eps"].index_add_(0, y, s["eps"])
+    acc["n_split"].index_add_(0, noisy.long(), ones)
+    acc["adv_split"].index_add_(0, noisy.long(), advf)
+    acc["hist"].index_add_(0, s["actions"], ones)
+    acc["margin"].index_add_(0, s["actions"], s["margin"].float())          # Fig. 8(c): margin per bound bucket
+    acc["p_adv"] += s["p_adv"].mean()
+    acc["loss"] += s["loss"]
+
+
+def strategy_log(acc, n_steps, n_policy):
+    """Per-epoch strategy statistics (Figs. 8c, 9, 10, 13); bounds in /255, buckets ordered as SIGNED_BOUNDS_255."""
+    s = {k: v.cpu() for k, v in acc.items()}
+    hist = s["hist"]
+    rec = {"train/loss": s["loss"].item() / max(n_steps, 1), "caat/adv_ratio": (s["adv"].sum() / s["n"].sum()).item(),
+           "caat/adv_ratio_class": plain(s["adv"] / s["n"]), "caat/bound_class": plain(255 * s["eps"] / s["n"]),
+           "caat/bound_hist": hist.long().tolist(), "caat/margin_by_bound": plain(s["margin"] / hist),
+           "caat/mean_bound_adv": (hist[FIRST_ADV:] * torch.tensor(BOUNDS_255)).sum().item()
+           / max(hist[FIRST_ADV:].sum().item(), 1),
+           "policy/p_adv": s["p_adv"].item() / max(n_steps, 1), "policy/updates": n_policy}
+    for j, part in enumerate(("clean", "noisy")):
+        rec[f"caat/adv_ratio_{part}"] = (s["adv_split"][j] / s["n_split"][j].clamp_min(1)).item()
+        rec[f"caat/n_{part}"] = int(s["n_split"][j])
+    if n_policy:
+        rec.update({"policy/objective": s["policy_obj"].item() / n_policy,
+                    "policy/entropy": s["policy_ent"].item() / n_policy})
+    return rec
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main: setup -> data scenario -> models -> (init / resume) -> epochs [FRL update, Alg. 2, eval, log, ckpt] -> results
+# ----------------------------------------------------------------------------------------------------------------
+
+def main(args):
+    resume = load_resume(args)
+    if resume is not None:   # the run's settings from the checkpoint; device and testing aid from this command line
+        args = argparse.Namespace(**{**resume["args"], "resume": args.resume, "device": args.device,
+                                     "interrupt_at_step": args.interrupt_at_step})
+    check_args(args)
+    seed_everything(args.seed, args.deterministic)
+    device = pick_device(args.device)
+    out_dir = make_run_dir(args, SCRIPT, resuming=resume is not None)
+    print(f"run directory: {out_dir}", flush=True)
+    data = make_datasets(args, device)
+    C = data["num_classes"]
+    sc = build_scenario(args, data)
+    steps_per_epoch = math.ceil(len(sc["train_y"]) / args.batch_size)
+    pgd_steps = [int(s) for s in args.eval_pgd_steps.split(",")]
+    if resume is None:
+        save_checkpoint(out_dir / "corruption.pt", {**sc["saved"], "noise": args.noise if args.scenario == "noisy"
+                                                    else "", "seed": args.seed})
+        write_json(out_dir / "args.json", {**vars(args), "derived": {
+            "steps_per_epoch": steps_per_epoch, "train_size": len(sc["train_y"]), "val_size": len(sc["meta_y"]),
+            "class_counts": sc["class_counts"].tolist(), "noise_realised": sc["noisy"].float().mean().item(),
+            "signed_bounds_255": list(SIGNED_BOUNDS_255),
+            "lam_per_sample": args.lam * args.batch_size if args.lam_reduction == "sum" else args.lam},
+            **run_info(device)})
+
+    model = build_model(C, data["mean"], data["std"], args.width, args.activation).to(device)
+    if args.init_ckpt:
+        load_weights(model, args.init_ckpt)
+    policy = StrategyNet(args.hidden).to(device)                            # Alg. 2, line 1
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    # DEVIATION: eta_2 of Eq. (35) applied by Adam (+ grad-norm clip in policy_step) -- spec caat.md, LAS-AT
+    popt = torch.optim.Adam(policy.parameters(), lr=args.policy_lr, weight_decay=args.policy_weight_decay)
+    total = max(args.epochs * steps_per_epoch, 1)   # piecewise: x0.1 at 50% and x0.01 at 75% of the iterations
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if args.schedule == "constant" or s < 0.5 * total
+                                              else (0.1 if s < 0.75 * total else 0.01))
+    fair = Fairness(C, args)
+    data_gen = torch.Generator().manual_seed(args.seed)        # shuffling + augmentation
+    ctx = {"class_counts": sc["class_counts"], "class_loss": torch.full((C,), math.log(C), device=device),
+           "num_classes": C, "signed_bounds": torch.tensor(SIGNED_BOUNDS_255, dtype=torch.float32, device=device)}
+    test_x, test_y = data["test_x"][: args.eval_examples], data["test_y"][: args.eval_examples]
+    train_index = torch.arange(len(sc["train_y"]), device=device)
+
+    state = {"epoch": 0, "step": 0, "results": {}, "time_s": 0.0}
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        policy.load_state_dict(resume["policy"])
+        popt.load_state_dict(resume["policy_optimizer"])
+        fair.load_state_dict(resume["fairness"])
+        ctx["class_loss"] = resume["class_loss"].to(device)
+        state = {k: resume[k] for k in state}
+        restore_rng(resume["rng"], data_gen)
+        truncate_log(out_dir / "log.jsonl", state["step"])
+    elif args.init_ckpt:   # epoch 0 = the starting model
+        state["results"]["initial"] = fairness_metrics(model, test_x, test_y, pgd_steps, args.eps, C, args)
+        append_jsonl(out_dir / "log.jsonl", {"epoch": 0, "step": 0, **{f"test/{k}": plain(v) for k, v in
+                                                                       state["results"]["initial"].items()}})
+    t_start = time.time() - state["time_s"]
+
+    for epoch in range(state["epoch"], args.epochs):
+        t_epoch, rec = time.time(), {"epoch": epoch + 1}
+        if args.fairness:   # Eq. (19) via FRL: multipliers from PGD errors on the clean validation split, per epoch
+            val = fairness_metrics(model, sc["meta_x"], sc["meta_y"], [args.val_attack_steps], args.eps, C, args)
+            fair.update(val["nat_err"], val[f"pgd{args.val_attack_steps}/rob_err"], epoch)
+            rec.update({"val/nat_err_avg": val["nat_err_avg"],
+                        "val/rob_err_avg": val[f"pgd{args.val_attack_steps}/rob_err_avg"]})
+        ctx.update(w_nat=fair.class_weight("nat").to(device), w_bdy=fair.class_weight("bdy").to(device))
+        acc, n_steps, n_policy, t_steps = new_stats(C, device), 0, 0, 0.0
+        # iterate over indices (as "labels") so that each batch knows its samples' labels and noisy flags
+        for x, idx in iterate_batches(sc["train_x"], train_index, args.batch_size, data_gen, augment=data["augment"]):
+            y = sc["train_y"][idx]                                          # Alg. 2, line 3
+            t0 = time.time()
+            s = train_step(model, policy, opt, x, y, ctx, args)            # Alg. 2, lines 4-5
+            sched.step()
+            t = state["step"] + 1                                           # this iteration's t (1-based)
+            if (t + 1) % args.policy_interval == 0:                         # Alg. 2, lines 6-7: Eq. (35)
+                p = policy_step(policy, popt, s["zeta"], s["actions"], s["rewards"], s["adv"],
+                                args.literal_reinforce, args.entropy_coef, args.policy_clip)
+                acc["policy_obj"] += p["objective"]
+                acc["policy_ent"] += p["entropy"]
+                n_policy += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize()   # honest per-iteration timing
+            t_steps += time.time() - t0
+            accumulate(acc, y, sc["noisy"][idx], s)
+            n_steps += 1
+            state["step"] += 1
+            if args.interrupt_at_step and state["step"] == args.interrupt_at_step:
+                print(f"--interrupt-at-step {args.interrupt_at_step}: simulated crash", flush=True)
+                sys.exit(3)
+            if args.max_steps and state["step"] >= args.max_steps:
+                break
+        rec.update({"step": state["step"], "lr": opt.param_groups[0]["lr"], **strategy_log(acc, n_steps, n_policy),
+                    "frl/w_nat": ctx["w_nat"].tolist(), "frl/w_bdy": ctx["w_bdy"].tolist(),
+                    "time/step_s": t_steps / max(n_steps, 1)})
+        last = epoch + 1 == args.epochs or bool(args.max_steps and state["step"] >= args.max_steps)
+        if (epoch + 1) % args.eval_every == 0 or last:
+            state["results"]["final"] = fairness_metrics(model, test_x, test_y, pgd_steps, args.eps, C, args)
+            rec.update({f"test/{k}": plain(v) for k, v in state["results"]["final"].items()})
+            k = f"test/pgd{pgd_steps[0]}"
+            print(f"epoch {epoch + 1}/{args.epochs} | lr {rec['lr']:.4f} | loss {rec['train/loss']:.3f} | adv ratio "
+                  f"{rec['caat/adv_ratio']:.2f} | mean adv bound {rec['caat/mean_bound_adv']:.1f}/255 | nat err "
+                  f"{rec['test/nat_err_avg']:.3f}/{rec['test/nat_err_worst']:.3f} | rob err "
+                  f"{rec[k + '/rob_err_avg']:.3f}/{rec[k + '/rob_err_worst']:.3f} | {time.time() - t_epoch:.1f}s",
+                  flush=True)
+        rec["time/epoch_s"] = time.time() - t_epoch
+        append_jsonl(out_dir / "log.jsonl", rec)
+        state.update(epoch=args.epochs if last else epoch + 1, time_s=time.time() - t_start)
+        save_checkpoint(out_dir / "ckpt.pt", {
+            "format": 1, "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "policy": policy.state_dict(), "policy_optimizer": popt.state_dict(), "fairness": fair.state_dict(),
+            "class_loss": ctx["class_loss"].cpu(), "rng": capture_rng(data_gen), "args": vars(args),
+            **state, **model_meta(args, data)})
+        if last:
+            break
+
+    wall = time.time() - t_start
+    save_checkpoint(out_dir / "model.pt", {"format": 1, "model": model.state_dict(), "args": vars(args),
+                                           **model_meta(args, data)})
+    results = {k: {m: plain(v) for m, v in r.items()} for k, r in state["results"].items()}
+    results.update({"method": "reinforce-caat-literal" if args.literal_reinforce else "reinforce-caat",
+                    "scenario": args.scenario, "steps": state["step"], "time/total_s": wall,
+                    "eval_examples": len(test_y)})
+    write_json(out_dir / "results.json", results)
+    print(f"done in {wall:.1f}s: {out_dir / 'results.json'}", flush=True)
+    return results
+
+
+def check_args(args):
+    """Clear errors for bad flag values (argparse handles the choices)."""
+    if not args.meta_per_class:
+        args.meta_per_class = 5 if args.dataset == "fake" else 300
+    for flag in ("batch_size", "eval_examples", "eval_every", "meta_per_class", "hidden", "attack_steps",
+                 "val_attack_steps", "policy_interval"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)!r}")
+    if not 0 < args.eps <= 1 or args.lam < 0:
+        raise ValueError(f"need 0 < --eps <= 1 and --lam >= 0; got {args.eps!r}, {args.lam!r}")
+    if args.policy_lr <= 0 or args.policy_clip <= 0 or args.entropy_coef < 0:
+        raise ValueError(f"need --policy-lr > 0, --policy-clip > 0, --entropy-coef >= 0; got {args.policy_lr!r}, "
+                         f"{args.policy_clip!r}, {args.entropy_coef!r}")
+    if not 0 <= args.noise_rate <= 1:
+        raise ValueError(f"--noise-rate must lie in [0, 1], got {args.noise_rate!r}")
+    if args.imbalance < 1:
+        raise ValueError(f"--imbalance (IF = n_max / n_min) must be >= 1, got {args.imbalance!r}")
+    if not all(s.strip().isdigit() and int(s) > 0 for s in args.eval_pgd_steps.split(",")):
+        raise ValueError(f"--eval-pgd-steps must be a comma list of positive ints, got {args.eval_pgd_steps!r}")
+    if args.attacks not in ("", "linf"):
+        raise ValueError(f"caat_reinforce.py trains and evaluates with l_inf PGD only; drop --attacks {args.attacks!r}")
+    if args.amp:
+        raise ValueError("--amp is not supported by caat_reinforce.py (fp32 only)")
+
+
+def model_meta(args, data):
+    return {"arch": "preact_resnet18", "width": args.width, "activation": args.activation,
+            "num_classes": data["num_classes"], "dataset": args.dataset, "mean": list(data["mean"]),
+            "std": list(data["std"]), "method": "reinforce-caat"}
+
+
+def load_resume(args):
+    if not args.resume:
+        return None
+    path = Path(args.resume)
+    path = path / "ckpt.pt" if path.is_dir() else path
+    ckpt = load_checkpoint(path)
+    if "policy" not in ckpt or "args" not in ckpt:
+        raise ValueError(f"--resume expects a ckpt.pt written by {SCRIPT}.py, got {path} (keys {sorted(ckpt)})")
+    ckpt["args"]["out_dir"] = str(path.parent)
+    return ckpt
+
+
+def capture_rng(data_gen):
+    rng = {"torch": torch.get_rng_state(), "data": data_gen.get_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def restore_rng(rng, data_gen):
+    torch.set_rng_state(rng["torch"])
+    data_gen.set_state(rng["data"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def truncate_log(path, step):
+    """On resume, keep only log lines up to the checkpoint's step (later ones are re-written identically)."""
+    if not path.exists():
+        return
+    lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(l + "\n" for l in lines))
+    os.replace(tmp, path)
+
+
+# ==== BEGIN SHARED: common-flags (canonical: cas.py; identical in caat_meta.py, caat_reinforce.py; tests/test_copies.py) ====
+def fraction(s: str) -> float:
+    """argparse type that accepts fractions: --eps 8/255."""
+    try:
+        return float(Fraction(s))
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"not a number or fraction: {s!r}")
+
+
+def add_common_flags(parser):
+    g = parser.add_argument_group("common")
+    g.add_argument("--dataset", type=str, default="cifar10", choices=("cifar10", "cifar100", "svhn", "fake"),
+                   help="fake: seeded random 32x32 tensors for tests (no files needed)")
+    g.add_argument("--data-dir", type=str, default="./data", help="where the dataset files are (or are downloaded to)")
+    g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                   help="download missing dataset files (md5-checked archives)")
+    g.add_argument("--train-subset", type=int, default=0, help="use the first N training images (0 = all)")
+    g.add_argument("--test-subset", type=int, default=0, help="use the first N test images (0 = all)")
+    g.add_argument("--out-dir", type=str, default="", help="run directory (default runs/<script>/<dataset>-s<seed>-<time>)")
+    g.add_argument("--epochs", type=int, default=10, help="epochs of the method")
+    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--lr", type=float, default=0.1, help="initial learning rate")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--seed", type=int, default=0, help="one seed drives everything")
+    g.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False,
+                   help="deterministic cuDNN / algorithms (slower; CPU runs are deterministic anyway)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
+                   help="bf16 autocast for the training forward/backward (attacks stay fp32)")
+    g.add_argument("--resume", type=str, default="", help="run directory or ckpt.pt of the SAME run to continue")
+    g.add_argument("--init-ckpt", type=str, default="", help="weights to start from (model.pt or a plain state_dict)")
+    g.add_argument("--max-steps", type=int, default=0, help="stop each phase after N optimizer steps (0 = no limit)")
+    g.add_argument("--interrupt-at-step", type=int, default=0,
+                   help="testing aid: exit with status 3 right after optimizer step N, as if killed")
+    g.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations on the test subset")
+    g.add_argument("--eval-examples", type=int, default=1000, help="first N test images for per-epoch robust accuracy")
+    g.add_argument("--attacks", type=str, default="", help="comma list of attacks.ATTACKS names (default: all registered)")
+    g.add_argument("--attack-steps", type=int, default=10, help="inner steps of every training-time attack")
+    g.add_argument("--width", type=int, default=64, help="base width of PreActResNet-18 (64 = the paper; tests use 8)")
+    g.add_argument("--activation", type=str, default="relu", choices=("relu", "softplus"),
+                   help="block activation (softplus: E-AT's released weights)")
+    g.add_argument("--input-norm", type=str, default="dataset", choices=("dataset", "none"),
+                   help="mean/std inside the model: the dataset's, or none (E-AT's weights expect raw [0,1] input)")
+    return parser
+# ==== END SHARED: common-flags ====
+
+
+# ==== BEGIN SHARED: setup (canonical: cas.py; identical in caat_meta.py, caat_reinforce.py, eval.py; tests/test_copies.py) ====
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)                      # seeds the CPU and every CUDA device
+    torch.backends.cudnn.benchmark = not deterministic
+    if deterministic:                            # slower; see PyTorch's "Reproducibility" notes
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True)
+
+
+def pick_device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def make_run_dir(args, script: str, resuming: bool = False) -> Path:
+    """Create (or, when resuming, reuse) the run directory; never overwrite another run's files."""
+    if not args.out_dir:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        args.out_dir = str(Path("runs") / script / f"{args.dataset}-s{args.seed}-{stamp}")
+    out = Path(args.out_dir)
+    if not resuming and (out / "ckpt.pt").exists():
+        raise FileExistsError(f"{out} already holds a run (ckpt.pt); continue it with --resume {out} "
+                              f"or choose another --out-dir")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def run_info(device: torch.device) -> dict:
+    """Versions and machine facts recorded in args.json."""
+    info = {"python": sys.version.split()[0], "torch": torch.__version__, "start_time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    try:
+        import subprocess
+        info["git"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                     cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        info["git"] = ""
+    return info
+# ==== END SHARED: setup ====
+
+
+# ==== BEGIN SHARED: model (canonical: cas.py; identical in caat_meta.py, caat_reinforce.py, eval.py; tests/test_copies.py) ====
+class Normalize(nn.Module):
+    """(x - mean) / std with non-persistent buffers: no state_dict entries, so published weights load as they are."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation basic block (He et al. 2016) as in Rice et al. 2020 / E-AT: bn1-act-conv1-bn2-act-conv2 + skip.
+
+    The projection shortcut (1x1 conv, when the shape changes) takes the activated input, the identity the raw one.
+    """
+
+    def __init__(self, in_planes, planes, stride, act):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.act = act
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False))
+
+    def forward(self, x):
+        out = self.act(self.bn1(x))
+        skip = self.shortcut(out) if hasattr(self, "shortcut") else x
+        out = self.conv1(out)
+        out = self.conv2(self.act(self.bn2(out)))
+        return out + skip
+
+
+class PreActResNet18(nn.Module):
+    """PreActResNet-18 with the layer names of Rice et al. / E-AT (conv1, layer1..4, bn, linear).
+
+    Input in [0, 1]; normalisation is the first module (no state_dict entries). Final bn -> ReLU -> 4x4 average
+    pool -> linear (ReLU even with softplus blocks, as E-AT). width 64 = the standard model (64-128-256-512).
+    """
+
+    def __init__(self, num_classes=10, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), width=64, activation="relu"):
+        super().__init__()
+        if activation not in ("relu", "softplus"):
+            raise ValueError(f"unknown activation {activation!r}; choose from relu, softplus")
+        act = nn.ReLU() if activation == "relu" else nn.Softplus(beta=1.0)
+        self.normalize = Normalize(mean, std)
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        planes, layers = width, []
+        for i, stride in enumerate((1, 2, 2, 2)):
+            out = width * 2 ** i
+            layers.append(nn.Sequential(PreActBlock(planes, out, stride, act), PreActBlock(out, out, 1, act)))
+            planes = out
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.bn = nn.BatchNorm2d(planes)
+        self.linear = nn.Linear(planes, num_classes)
+
+    def features(self, x):
+        """Outputs of layer1..layer4 (pre-activation sums), for ppgd's "self" perceptual distance."""
+        out = self.conv1(self.normalize(x))
+        feats = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            out = layer(out)
+            feats.append(out)
+        return feats
+
+    def forward(self, x):
+        out = F.relu(self.bn(self.features(x)[-1]))
+        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+def build_model(num_classes, mean, std, width=64, activation="relu"):
+    return PreActResNet18(num_classes, mean, std, width, activation)
+
+
+def extract_state_dict(obj, path):
+    """The state_dict inside a checkpoint: ours ({"model": ...}), Rice et al.'s ({"state_dict": ...}) or a plain one."""
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path}: not a state_dict (expected a dict of tensors, or a checkpoint with a 'model' "
+                         f"or 'state_dict' entry); got {type(obj).__name__}")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
+def load_weights(model, path):
+    """Load a checkpoint's weights into `model` strictly, with a clear error on missing/unexpected/mis-shaped keys."""
+    sd = extract_state_dict(load_checkpoint(path), path)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                    for k in set(own) & set(sd) if sd[k].shape != own[k].shape)
+    if missing or unexpected or shapes:
+        raise ValueError(f"{path} does not fit this PreActResNet-18 (check --width/--activation/dataset):\n"
+                         f"  missing keys: {missing[:10]}{' ...' if len(missing) > 10 else ''}\n"
+                         f"  unexpected keys: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}\n"
+                         f"  shape mismatches: {shapes[:10]}")
+    model.load_state_dict(sd)
+    return model
+
+
+def build_model_from_ckpt(path, device="cpu", width=None, activation=None, num_classes=None, mean=None, std=None):
+    """Rebuild a model from a model.pt / ckpt.pt (metadata) or a plain state_dict (pass width etc.); eval mode."""
+    ckpt = load_checkpoint(path)
+    meta = ckpt if isinstance(ckpt, dict) and "arch" in ckpt else {}
+    if meta and meta["arch"] != "preact_resnet18":
+        raise ValueError(f"{path}: unknown arch {meta['arch']!r}; this code builds preact_resnet18")
+    model = build_model(num_classes or meta.get("num_classes", 10), mean or meta.get("mean", (0.0, 0.0, 0.0)),
+                        std or meta.get("std", (1.0, 1.0, 1.0)), width or meta.get("width", 64),
+                        activation or meta.get("activation", "relu"))
+    load_weights(model, path)
+    return model.to(device).eval()
+# ==== END SHARED: model ====
+
+
+# ==== BEGIN SHARED: data (canonical: cas.py; identical in caat_meta.py, caat_reinforce.py, eval.py; tests/test_copies.py) ====
+# name -> classes, mean, std, files (relative to --data-dir), archive/url + md5 used to download them
+DATASETS = {
+    "cifar10": dict(num_classes=10, mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616), augment="crop_flip",
+                    files=["cifar-10-batches-py/data_batch_1", "cifar-10-batches-py/data_batch_2",
+                           "cifar-10-batches-py/data_batch_3", "cifar-10-batches-py/data_batch_4",
+                           "cifar-10-batches-py/data_batch_5", "cifar-10-batches-py/test_batch"],
+                    urls=[("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a")]),
+    "cifar100": dict(num_classes=100, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), augment="crop_flip",
+                     files=["cifar-100-python/train", "cifar-100-python/test"],
+                     urls=[("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85")]),
+    "svhn": dict(num_classes=10, mean=(0.4377, 0.4438, 0.4728), std=(0.1980, 0.2010, 0.1970), augment="crop",
+                 files=["train_32x32.mat", "test_32x32.mat"],
+                 urls=[("http://ufldl.stanford.edu/housenumbers/train_32x32.mat", "e26dedcc434d2e4c54c9b2d4a06d0373"),
+                       ("http://ufldl.stanford.edu/housenumbers/test_32x32.mat", "eb5a983be6a315427106f1b164d9cef3")]),
+    "fake": dict(num_classes=10, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), augment="crop_flip", files=[], urls=[]),
+}
+FAKE_SIZES = (256, 64)   # train / test images of --dataset fake
+
+
+def ensure_files(name, root, download):
+    """Make sure the dataset files exist under root; download them if allowed, else raise a clear error."""
+    spec = DATASETS[name]
+    missing = [f for f in spec["files"] if not (root / f).exists()]
+    if not missing:
+        return
+    if download:
+        try:
+            from torchvision.datasets.utils import download_and_extract_archive, download_url
+            for url, md5 in spec["urls"]:
+                if url.endswith(".tar.gz"):
+                    download_and_extract_archive(url, str(root), md5=md5)
+                else:
+                    download_url(url, str(root), md5=md5)
+            missing = [f for f in spec["files"] if not (root / f).exists()]
+        except Exception as e:   # offline, proxy, disk: report it with the files the user must provide
+            raise FileNotFoundError(f"{name}: could not download ({type(e).__name__}: {e}). Put these files under "
+                                    f"--data-dir {root}: {', '.join(spec['files'])} (from {spec['urls'][0][0]})") from e
+    if missing:
+        raise FileNotFoundError(f"{name}: missing {', '.join(missing)} under --data-dir {root}; download them from "
+                                f"{', '.join(u for u, _ in spec['urls'])} (or drop --no-download)")
+
+
+def read_split(name, root, train):
+    """(uint8 images (N, 3, 32, 32), int64 labels (N,)) read from the standard files (no md5 check of the files)."""
+    import pickle
+    if name in ("cifar10", "cifar100"):
+        if name == "cifar10":
+            files = [f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)] if train else ["cifar-10-batches-py/test_batch"]
+        else:
+            files = ["cifar-100-python/train" if train else "cifar-100-python/test"]
+        xs, ys = [], []
+        for f in files:
+            with open(root / f, "rb") as fh:
+                d = pickle.load(fh, encoding="bytes")
+            xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(d[b"labels"] if b"labels" in d else d[b"fine_labels"], dtype=np.int64))
+        return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+    from scipy.io import loadmat   # svhn: X (32, 32, 3, N), y (N, 1) with label 10 for the digit 0
+    d = loadmat(str(root / ("train_32x32.mat" if train else "test_32x32.mat")))
+    x = torch.from_numpy(np.ascontiguousarray(d["X"].transpose(3, 2, 0, 1)))
+    y = torch.from_numpy(d["y"].astype(np.int64).reshape(-1) % 10)
+    return x, y
+
+
+def fake_split(n, seed, num_classes=10):
+    """Seeded, learnable random images: a per-class colour and stripe pattern plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    base = torch.rand(num_classes, 3, 1, 1, generator=g) * 0.6 + 0.2
+    stripes = torch.sin(torch.arange(32.0) * (y.float()[:, None] + 1) * 0.4)[:, None, None, :] * 0.15
+    x = base[y] + stripes + 0.1 * torch.randn(n, 3, 32, 32, generator=g)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
+
+
+def make_datasets(args, device):
+    """Whole train/test sets as uint8 tensors on `device` (augmentation happens batched on the device)."""
+    spec = DATASETS[args.dataset]
+    if args.dataset == "fake":
+        (tx, ty), (vx, vy) = fake_split(FAKE_SIZES[0], 0), fake_split(FAKE_SIZES[1], 1)
+    else:
+        root = Path(args.data_dir)
+        ensure_files(args.dataset, root, args.download)
+        (tx, ty), (vx, vy) = read_split(args.dataset, root, True), read_split(args.dataset, root, False)
+    if args.train_subset:
+        tx, ty = tx[: args.train_subset], ty[: args.train_subset]
+    if args.test_subset:
+        vx, vy = vx[: args.test_subset], vy[: args.test_subset]
+    mean, std = (spec["mean"], spec["std"]) if args.input_norm == "dataset" else ((0.0,) * 3, (1.0,) * 3)
+    return {"train_x": tx.to(device), "train_y": ty.to(device), "test_x": vx.to(device), "test_y": vy.to(device),
+            "num_classes": spec["num_classes"], "mean": mean, "std": std, "augment": spec["augment"]}
+
+
+def to_float(x_u8):
+    return x_u8.float().div_(255.0)
+
+
+def augment_batch(x, generator, kind, pad=4):
+    """Random crop (zero padding `pad`) and, for kind 'crop_flip', horizontal flip, batched on x's device."""
+    b, _, h, w = x.shape
+    offs = torch.randint(0, 2 * pad + 1, (2, b), generator=generator).to(x.device)
+    flip = torch.rand(b, generator=generator).to(x.device) < 0.5
+    xp = F.pad(x, (pad, pad, pad, pad))
+    rows = (offs[0][:, None] + torch.arange(h, device=x.device))[:, None, :, None]   # (B, 1, H, 1)
+    cols = offs[1][:, None] + torch.arange(w, device=x.device)                       # (B, W)
+    if kind == "crop_flip":
+        cols = torch.where(flip[:, None], cols.flip(1), cols)
+    cols = cols[:, None, None, :]                                                     # (B, 1, 1, W)
+    bidx = torch.arange(b, device=x.device)[:, None, None, None]
+    cidx = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    return xp[bidx, cidx, rows, cols]
+
+
+def iterate_batches(x_u8, y, batch_size, generator=None, augment=None):
+    """Yield float [0,1] batches; shuffled and augmented when a generator is given, else in order."""
+    n = len(y)
+    order = torch.randperm(n, generator=generator).to(y.device) if generator is not None else torch.arange(n, device=y.device)
+    for i in range(0, n, batch_size):
+        idx = order[i: i + batch_size]
+        xb = to_float(x_u8[idx])
+        if generator is not None and augment:
+            xb = augment_batch(xb, generator, augment)
+        yield xb, y[idx]
+# ==== END SHARED: data ====
+
+
+# ==== BEGIN SHARED: evaluate (canonical: cas.py; identical in caat_meta.py, caat_reinforce.py, eval.py; tests/test_copies.py) ====
+def evaluate(model, x_u8, y, attack_fns, batch_size, seed):
+    """Clean accuracy and accuracy under each attack (dict name -> fn(model, x, y) -> x_adv) on (x_u8, y).
+
+    The model is in eval mode throughout (its mode is restored after). The RNG is forked and re-seeded before each
+    attack, so a result depends neither on the training RNG nor on which other attacks ran. Also returns the
+    per-example correctness (for union / class-wise metrics).
+    """
+    was_training = model.training
+    model.eval()
+    devices = [y.device.index or 0] if y.device.type == "cuda" else []
+    correct = {}
+    with torch.no_grad():
+        correct["clean"] = torch.cat([model(xb).argmax(1) == yb for xb, yb in iterate_batches(x_u8, y, batch_size)])
+    for name, fn in attack_fns.items():
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            hits = []
+            for xb, yb in iterate_batches(x_u8, y, batch_size):
+                x_adv = fn(model, xb, yb)
+                with torch.no_grad():
+                    hits.append(model(x_adv).argmax(1) == yb)
+            correct[name] = torch.cat(hits)
+    model.train(was_training)
+    acc = {k: v.float().mean().item() for k, v in correct.items()}
+    return {"clean": acc.pop("clean"), "attacks": acc, "correct": correct}
+
+
+def scenario_weights(names, scenario):
+    """Importance weights w_v of CAS Sec. 5.1: 6 for l_inf, l_2, l_1 (cifar) or snow, fog, blur (svhn), else 1."""
+    heavy = {"cifar": ("linf", "l2", "l1"), "svhn": ("snow", "fog", "blur")}
+    if scenario not in heavy:
+        raise ValueError(f"unknown scenario {scenario!r}; choose from {sorted(heavy)}")
+    return [6.0 if n in heavy[scenario] else 1.0 for n in names]
+
+
+def aggregate(acc, weights, names, scenario):
+    """CAS Table 1 aggregates: weighted avg. Robust; avg. l_p / avg. Semantic (cifar) or avg. Corruption / Others."""
+    out = {"avg_robust": sum(w * acc[n] for n, w in zip(names, weights)) / sum(weights) if names else float("nan")}
+    group = ("linf", "l2", "l1") if scenario == "cifar" else ("snow", "fog", "blur")
+    keys = ("avg_lp", "avg_semantic") if scenario == "cifar" else ("avg_corruption", "avg_others")
+    inside = [acc[n] for n in names if n in group]
+    outside = [acc[n] for n in names if n not in group]
+    out[keys[0]] = sum(inside) / len(inside) if inside else float("nan")
+    out[keys[1]] = sum(outside) / len(outside) if outside else float("nan")
+    return out
+# ==== END SHARED: evaluate ====
+
+
+# ==== BEGIN SHARED: io (canonical: cas.py; identical in caat_meta.py, caat_reinforce.py, eval.py; tests/test_copies.py) ====
+def write_json(path, obj):
+    """Atomic JSON write (temp file + os.replace): a crash never leaves a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def save_checkpoint(path, obj):
+    """Atomic torch.save: write path.tmp, then os.replace (a kill at any moment leaves the old or the new file)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """torch.load with weights_only=True (no arbitrary pickles), with clear errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # UnpicklingError for non-weights pickles, RuntimeError for non-torch files
+        raise ValueError(f"{path} is not a plain weights checkpoint readable with torch.load(weights_only=True) "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+# ==== END SHARED: io ====
+
+
+if __name__ == "__main__":   # at the very end, so the shared blocks above are defined before main() runs
+    main(get_args())
