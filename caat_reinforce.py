@@ -255,9 +255,10 @@ def train_step(model, policy, opt, x, y, ctx, args):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data scenarios and FRL multipliers -- the same as caat_meta.py's (no shared block there; copied, keep in step)
+# Data scenarios (SHARED with caat_meta.py) and FRL multipliers (a trimmed copy of caat_meta.py's: ReWeight only)
 # ----------------------------------------------------------------------------------------------------------------
 
+# ==== BEGIN SHARED: caat-scenarios (canonical: caat_meta.py; identical in caat_reinforce.py; tests/test_copies.py) ====
 def split_meta(y, per_class, num_classes):
     """Indices of the last `per_class` images of every class (FRL's validation split) and of the rest."""
     meta = []
@@ -299,7 +300,7 @@ def longtail_index(y, imbalance, num_classes, generator):
 
 
 def build_scenario(args, data):
-    """Validation split first (clean), then noise or long tail on the rest only (MW-Net order, reference D1)."""
+    """Meta (validation) split first (clean), then noise or long tail on the rest only (MW-Net order, reference D1)."""
     num_classes, y_all = data["num_classes"], data["train_y"].cpu()
     gen = torch.Generator().manual_seed(args.seed)
     meta_idx, train_idx = split_meta(y_all, args.meta_per_class, num_classes)
@@ -315,6 +316,7 @@ def build_scenario(args, data):
             "meta_y": y_all[meta_idx].to(dev), "class_counts": torch.bincount(y_train, minlength=num_classes).to(dev),
             "saved": {"train_index": train_idx, "meta_index": meta_idx, "label_clean": y_clean,
                       "label_train": y_train, "pairflip_targets": pairs}}
+# ==== END SHARED: caat-scenarios ====
 
 
 class Fairness:
@@ -348,6 +350,7 @@ class Fairness:
 # Metrics: class-wise natural / boundary / robust errors (Eqs. 45-47, as caat_meta.py) and the strategy statistics
 # ----------------------------------------------------------------------------------------------------------------
 
+# ==== BEGIN SHARED: caat-metrics (canonical: caat_meta.py; identical in caat_reinforce.py; tests/test_copies.py) ====
 def class_error(correct, y, num_classes):
     """Per-class error (C,), NaN for classes absent from y."""
     n = torch.bincount(y, minlength=num_classes).float()
@@ -369,6 +372,7 @@ def fairness_metrics(model, x_u8, y, steps_list, eps, num_classes, args):
                     f"{name}/rob_err_worst": rob[ok].max().item(), f"{name}/bdy_err_avg": (rob - nat)[ok].mean().item(),
                     f"{name}/bdy_err_worst": (rob - nat)[ok].max().item()})
     return out
+# ==== END SHARED: caat-metrics ====
 
 
 def plain(v):

@@ -17,6 +17,8 @@ BLOCKS = {   # block -> files holding an identical copy; the first is canonical.
     "setup": ALL4, "model": ALL4, "data": ALL4, "evaluate": ALL4, "io": ALL4,
     "caat-characteristics": ["caat_meta.py", "caat_reinforce.py"],
     "caat-bound": ["caat_meta.py", "caat_reinforce.py"],
+    "caat-scenarios": ["caat_meta.py", "caat_reinforce.py"],
+    "caat-metrics": ["caat_meta.py", "caat_reinforce.py"],
 }
 MARK = re.compile(r"^# ==== (BEGIN|END) SHARED: ([\w-]+)[^\n]*\n", re.M)
 
