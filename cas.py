@@ -79,6 +79,11 @@ def make_parser():
     c.add_argument("--calib-rounds", type=int, default=6, help="at most this many Eq. (11) updates per attack")
     c.add_argument("--calib-examples", type=int, default=500,
                    help="first N TRAINING images (no augmentation) used to calibrate, so the test subset stays unseen")
+    e = parser.add_argument_group("experiments")
+    e.add_argument("--tradeoff-matrix", action="store_true",
+                   help="Figs. 3/6 instead of one run: fine-tune --init-ckpt on each attack of --attacks alone for "
+                        "--epochs epochs, evaluate every attack on --eval-examples test images, write "
+                        "tradeoff_matrix.json/.md (rerun the same command to continue an interrupted matrix)")
     return parser
 
 
@@ -318,7 +323,7 @@ def attack_kwargs(name, eps, steps, for_eval=False):
     size 2.5 eps / steps (the attacks' own default; APGD-l1 its sparse step); every other arm runs
     min(steps, its default steps), with its step size scaled so that steps x step size (the distance the latent can
     travel) equals its default. Evaluation (for_eval): l_p arms run `steps` steps (l1 with AutoAttack's evaluation
-    sparsity 0.2); every other arm its full default strength.
+    sparsity 0.2), ppgd 40 iterations, every other arm its full default strength.
     """
     params = inspect.signature(ATTACKS[name]).parameters
     kw = {"eps": eps}
@@ -328,6 +333,8 @@ def attack_kwargs(name, eps, steps, for_eval=False):
             kw["sparsity"] = 0.2
         return kw
     if for_eval:
+        if name == "ppgd":
+            kw["steps"] = 40   # the evaluation setting of PPGD (Laidlaw et al.; 10 is its cheaper training default)
         return kw
     default_steps = params["steps"].default
     kw["steps"] = min(steps, default_steps)
@@ -554,6 +561,12 @@ def main(args):
             state["results"]["initial"] = evaluate_and_log(model, test_x, test_y, eval_arms, names, weights, scenario,
                                                            args, out_dir, {"phase": phase, "epoch": 0,
                                                                            "step": state["step"]})
+            # the same starting model under the cheaper training-time attacks: does the training setting still attack?
+            res = evaluate(model, test_x, test_y, train_arms, args.batch_size, args.seed)
+            state["results"]["initial_train_strength"] = {"clean": res["clean"], "attacks": res["attacks"],
+                                                          **aggregate(res["attacks"], weights, names, scenario)}
+            print("starting model under the training-time attacks (--attack-steps "
+                  f"{args.attack_steps}): " + " ".join(f"{n} {a:.3f}" for n, a in res["attacks"].items()), flush=True)
         phase_step = first_epoch * steps_per_epoch
 
         for epoch in range(first_epoch, n_epochs):
@@ -612,12 +625,88 @@ def main(args):
     save_checkpoint(out_dir / "model.pt", {"format": 1, "model": model.state_dict(), "args": vars(args),
                                            **model_meta(args, data, names, weights, state["eps_table"])})
     results = {"initial": state["results"].get("initial"), "final": state["results"].get("finetune_last"),
+               "initial_train_strength": state["results"].get("initial_train_strength"),
                "pretrain": state["results"].get("pretrain_last"), "steps": state["step"],
                "time/total_s": wall, "attacks": names, "weights": weights, "sampler": args.sampler,
                "eval_examples": len(test_y), "eps_table": state["eps_table"]}
     write_json(out_dir / "results.json", results)
     print(f"done in {wall:.1f}s: {out_dir / 'results.json'}", flush=True)
     return results
+
+
+def tradeoff_matrix(args):
+    """Figs. 3/6: D[k][j] = acc_j(start fine-tuned on attack k alone) - acc_j(start), and the sum of D.
+
+    Every row is an ordinary single-arm run (rows/<k>/, resumable) from the same --init-ckpt with the same settings;
+    all attacks are evaluated at evaluation strength on the first --eval-examples test images, the start once.
+    tradeoff_matrix.json is rewritten after every row, so rerunning the command continues where it stopped.
+    """
+    if not args.init_ckpt:
+        raise ValueError("--tradeoff-matrix fine-tunes a pre-trained model: give it with --init-ckpt")
+    check_args(args)
+    device = pick_device(args.device)
+    names = attacks.registered(args.attacks) if args.attacks else [n for n in attacks.ALL if n in ATTACKS]
+    if not args.out_dir:
+        args.out_dir = str(Path("runs") / SCRIPT / f"tradeoff-{args.dataset}-s{args.seed}")
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "tradeoff_matrix.json"
+    mat = json.loads(path.read_text()) if path.exists() else {"attacks": names, "start": None, "rows": {}}
+    if mat["attacks"] != names:
+        raise ValueError(f"{path} was made for --attacks {','.join(mat['attacks'])}, not {','.join(names)}; "
+                         f"use another --out-dir")
+    seed_everything(args.seed, args.deterministic)
+    data = make_datasets(args, device)
+    model = build_model(data["num_classes"], data["mean"], data["std"], args.width, args.activation).to(device)
+    test_x, test_y = data["test_x"][: args.eval_examples], data["test_y"][: args.eval_examples]
+    eps_table = load_eps_table(args.eps_table)
+    eval_arms = make_arms(names, args.dataset, args.eval_attack_steps, for_eval=True, eps_table=eps_table)
+
+    def evaluate_all(weights_path):
+        load_weights(model, weights_path)
+        res = evaluate(model, test_x, test_y, eval_arms, args.batch_size, args.seed)
+        return {"clean": res["clean"], "attacks": res["attacks"]}
+
+    if mat["start"] is None:
+        mat["start"] = evaluate_all(args.init_ckpt)
+        write_json(path, mat)
+    for k in names:
+        if k in mat["rows"]:
+            continue
+        row_dir = out_dir / "rows" / k
+        if not (row_dir / "model.pt").exists():
+            resume = str(row_dir) if (row_dir / "ckpt.pt").exists() else ""
+            row_args = argparse.Namespace(**{**vars(args), "attacks": k, "sampler": "sat", "calibrate": False,
+                                             "tradeoff_matrix": False, "out_dir": str(row_dir), "resume": resume})
+            main(row_args)
+        res = evaluate_all(row_dir / "model.pt")
+        res["delta"] = {j: res["attacks"][j] - mat["start"]["attacks"][j] for j in names}
+        res["time/total_s"] = json.loads((row_dir / "results.json").read_text())["time/total_s"]
+        mat["rows"][k] = res
+        mat["sum"] = sum(sum(r["delta"].values()) for r in mat["rows"].values())
+        write_json(path, mat)
+        (out_dir / "tradeoff_matrix.md").write_text(tradeoff_markdown(mat, args))
+        print(f"trade-off row {k}: sum of accuracy changes {sum(res['delta'].values()):+.3f}", flush=True)
+    print(f"trade-off matrix ({len(mat['rows'])}/{len(names)} rows): sum {mat.get('sum', 0.0):+.3f} -> "
+          f"{out_dir / 'tradeoff_matrix.md'}", flush=True)
+    return mat
+
+
+def tradeoff_markdown(mat, args):
+    """Rows: the attack fine-tuned on; columns: the attack evaluated; entries: accuracy change in points."""
+    names = mat["attacks"]
+    lines = [f"Trade-off matrix (CAS Figs. 3/6): change of robust accuracy (percentage points) on the first "
+             f"{args.eval_examples} {args.dataset} test images after {args.epochs} epoch(s) of fine-tuning "
+             f"`{args.init_ckpt}` on one attack (row) alone; columns: the attack evaluated.", "",
+             "| trained on \\ evaluated on | " + " | ".join(names) + " | row sum |",
+             "|---" * (len(names) + 2) + "|",
+             "| (start accuracy, %) | " + " | ".join(f"{100 * mat['start']['attacks'][j]:.1f}" for j in names) + " | |"]
+    for k in [n for n in names if n in mat["rows"]]:   # the JSON keeps keys sorted; the table keeps --attacks order
+        d = mat["rows"][k]["delta"]
+        lines.append(f"| {k} | " + " | ".join(f"{100 * d[j]:+.1f}" for j in names) + f" | {100 * sum(d.values()):+.1f} |")
+    lines += ["", f"Sum of the matrix: {100 * mat.get('sum', 0.0):+.1f} points over {len(mat['rows'])} of "
+                  f"{len(names)} rows."]
+    return "\n".join(lines) + "\n"
 
 
 def check_args(args):
@@ -1142,4 +1231,5 @@ def load_checkpoint(path):
 
 
 if __name__ == "__main__":   # at the very end, so the shared blocks above are defined before main() runs
-    main(get_args())
+    args = get_args()
+    tradeoff_matrix(args) if args.tradeoff_matrix else main(args)

@@ -4,6 +4,7 @@
     python eval.py --ckpt model.pt --attacks linf,l2,l1,fog --autoattack linf,l2,l1 --n-examples 1000
     python eval.py --ckpt eat.pt --width 64 --activation softplus --input-norm none # a plain foreign state_dict
     python eval.py --compare runs/a/eval.json runs/b/eval.json --labels SAT,CAS     # methods side by side
+    python eval.py --aggregate runs/t1/*/s*/eval.json --out runs/t1/table1.md       # mean +- std over seeds
 
 Rebuilds the PreActResNet-18 from the checkpoint's metadata (model.pt / ckpt.pt of cas.py, caat_meta.py,
 caat_reinforce.py: arch, width, activation, num_classes, dataset, mean, std) or, for a plain state_dict (a
@@ -134,6 +135,9 @@ def make_parser():
     g.add_argument("--n-show", type=int, default=8, help="images per row of --save-examples")
     g.add_argument("--compare", type=str, nargs="+", default=None, help="eval.json files: print them side by side")
     g.add_argument("--labels", type=str, default="", help="comma list of column names for --compare")
+    g.add_argument("--aggregate", type=str, nargs="+", default=None,
+                   help="eval.json files of several seeds: mean +- std per --label (the paper's Table 1 layout; "
+                        "wall-clock from the results.json beside each checkpoint); --out writes the markdown")
     return parser
 
 
@@ -429,6 +433,50 @@ def compare(paths, labels):
     return warning + markdown(evals, labels)
 
 
+def aggregate_seeds(paths):
+    """Mean +- std (sample std, ddof 1) over the eval.json files of each label, in the layout of CAS Table 1."""
+    groups = {}
+    for p in paths:
+        e = json.loads(Path(p).read_text())
+        if e.get("format") != FORMAT or "attacks" not in e:
+            raise ValueError(f"{p}: not an eval.json written by eval.py (format {FORMAT})")
+        if e.get("pending"):
+            raise ValueError(f"{p}: evaluation incomplete (pending {e['pending']}); finish it with --resume")
+        run_dir = Path(e["ckpt"]).parent   # wall-clock and seed of the training run, when it is ours
+        wall = json.loads((run_dir / "results.json").read_text()).get("time/total_s") \
+            if (run_dir / "results.json").exists() else None
+        seed = json.loads((run_dir / "args.json").read_text()).get("seed") if (run_dir / "args.json").exists() else None
+        groups.setdefault(e["label"], []).append({**e, "wall_s": wall, "train_seed": seed})
+    if len({(e["dataset"], e["n"], e["scenario"], tuple(sorted(e["attacks"]))) for g in groups.values() for e in g}) > 1:
+        raise ValueError("--aggregate: the files differ in dataset, number of images, scenario or attacks")
+    first = next(iter(groups.values()))[0]
+    cols = [("clean", "Clean")] + ([("avg_robust", "avg. Robust"), ("avg_lp", "avg. l_p"), ("avg_semantic",
+            "avg. Semantic")] if first["scenario"] == "cifar" else [("avg_robust", "avg. Robust"),
+           ("avg_corruption", "avg. Corruption"), ("avg_others", "avg. Others")])
+
+    def mean_std(vals):
+        vals = [v for v in vals if v is not None]
+        if not vals:
+            return None, None
+        m = sum(vals) / len(vals)
+        return m, (math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0)
+
+    table, rows = {}, []
+    for label, evals in groups.items():
+        entry = {"train_seeds": [e["train_seed"] for e in evals], "ckpts": [e["ckpt"] for e in evals]}
+        for key, _ in cols:
+            entry[key] = mean_std([e["clean_acc"] if key == "clean" else e.get(key) for e in evals])
+        entry["wall_min"] = mean_std([e["wall_s"] / 60 if e["wall_s"] is not None else None for e in evals])
+        table[label] = entry
+        cells = [f"{100 * m:.2f} ± {100 * sd:.2f}" if m is not None else "–" for m, sd in (entry[k] for k, _ in cols)]
+        wm, ws = entry["wall_min"]
+        rows.append([label, str(len(evals))] + cells + [f"{wm:.1f} ± {ws:.1f}" if wm is not None else "–"])
+    text = (f"Accuracy (%) on the {first['data_label']}, mean ± std (sample std) over the runs of each label; "
+            f"wall-clock of the training run (min).\n\n"
+            + md_table(["Method", "runs"] + [c for _, c in cols] + ["wall-clock (min)"], rows))
+    return text, table
+
+
 def save_examples(path, clean, rows, n_show):
     """PNG grid: row 0 the clean images, then one row per attack (adversarial versions of the same images)."""
     from torchvision.utils import save_image   # only here: eval.py needs torchvision for this option alone
@@ -551,6 +599,13 @@ def main(args):
         text = compare(args.compare, args.labels)
         print(text)
         return text
+    if args.aggregate:
+        text, table = aggregate_seeds(args.aggregate)
+        print(text)
+        if args.out:
+            Path(args.out).with_suffix(".md").write_text(text + "\n")
+            write_json(Path(args.out).with_suffix(".json"), table)
+        return table
     check_args(args)
     seed_everything(args.seed, args.deterministic)
     device = pick_device(args.device)
