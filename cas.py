@@ -84,6 +84,9 @@ def make_parser():
                    help="Figs. 3/6 instead of one run: fine-tune --init-ckpt on each attack of --attacks alone for "
                         "--epochs epochs, evaluate every attack on --eval-examples test images, write "
                         "tradeoff_matrix.json/.md (rerun the same command to continue an interrupted matrix)")
+    e.add_argument("--tradeoff-sequential", action="store_true",
+                   help="with --tradeoff-matrix: row k starts from row k-1's model and its changes are measured "
+                        "against that model (the 'sequential fine-tuning' reading of Sec. 3), not from --init-ckpt")
     return parser
 
 
@@ -651,9 +654,12 @@ def tradeoff_matrix(args):
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "tradeoff_matrix.json"
-    mat = json.loads(path.read_text()) if path.exists() else {"attacks": names, "start": None, "rows": {}}
-    if mat["attacks"] != names:
-        raise ValueError(f"{path} was made for --attacks {','.join(mat['attacks'])}, not {','.join(names)}; "
+    mat = json.loads(path.read_text()) if path.exists() else {"attacks": names, "sequential": args.tradeoff_sequential,
+                                                              "start": None, "rows": {}}
+    mat.setdefault("sequential", False)
+    if mat["attacks"] != names or mat["sequential"] != args.tradeoff_sequential:
+        raise ValueError(f"{path} was made for --attacks {','.join(mat['attacks'])} (sequential "
+                         f"{mat['sequential']}), not {','.join(names)} (sequential {args.tradeoff_sequential}); "
                          f"use another --out-dir")
     seed_everything(args.seed, args.deterministic)
     data = make_datasets(args, device)
@@ -670,17 +676,22 @@ def tradeoff_matrix(args):
     if mat["start"] is None:
         mat["start"] = evaluate_all(args.init_ckpt)
         write_json(path, mat)
-    for k in names:
+    for i, k in enumerate(names):
         if k in mat["rows"]:
             continue
+        # independent rows start from --init-ckpt; sequential rows from the previous row's model
+        chained = args.tradeoff_sequential and i > 0
+        start_ckpt = out_dir / "rows" / names[i - 1] / "model.pt" if chained else args.init_ckpt
+        before = mat["rows"][names[i - 1]] if chained else mat["start"]
         row_dir = out_dir / "rows" / k
         if not (row_dir / "model.pt").exists():
             resume = str(row_dir) if (row_dir / "ckpt.pt").exists() else ""
             row_args = argparse.Namespace(**{**vars(args), "attacks": k, "sampler": "sat", "calibrate": False,
-                                             "tradeoff_matrix": False, "out_dir": str(row_dir), "resume": resume})
+                                             "tradeoff_matrix": False, "init_ckpt": str(start_ckpt),
+                                             "out_dir": str(row_dir), "resume": resume})
             main(row_args)
         res = evaluate_all(row_dir / "model.pt")
-        res["delta"] = {j: res["attacks"][j] - mat["start"]["attacks"][j] for j in names}
+        res["delta"] = {j: res["attacks"][j] - before["attacks"][j] for j in names}
         res["time/total_s"] = json.loads((row_dir / "results.json").read_text())["time/total_s"]
         mat["rows"][k] = res
         mat["sum"] = sum(sum(r["delta"].values()) for r in mat["rows"].values())
@@ -695,9 +706,11 @@ def tradeoff_matrix(args):
 def tradeoff_markdown(mat, args):
     """Rows: the attack fine-tuned on; columns: the attack evaluated; entries: accuracy change in points."""
     names = mat["attacks"]
+    start = ("the previous row's model (sequential, the first row from " if mat["sequential"] else "") + \
+        f"`{args.init_ckpt}`" + (")" if mat["sequential"] else "")
     lines = [f"Trade-off matrix (CAS Figs. 3/6): change of robust accuracy (percentage points) on the first "
              f"{args.eval_examples} {args.dataset} test images after {args.epochs} epoch(s) of fine-tuning "
-             f"`{args.init_ckpt}` on one attack (row) alone; columns: the attack evaluated.", "",
+             f"{start} on one attack (row) alone; columns: the attack evaluated.", "",
              "| trained on \\ evaluated on | " + " | ".join(names) + " | row sum |",
              "|---" * (len(names) + 2) + "|",
              "| (start accuracy, %) | " + " | ".join(f"{100 * mat['start']['attacks'][j]:.1f}" for j in names) + " | |"]

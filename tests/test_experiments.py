@@ -107,6 +107,22 @@ class TestTradeoffMatrix(ExperimentTest):
                          strip_timing({k: strip_timing(r) for k, r in mat["rows"].items()}))
         self.assertEqual(again["sum"], mat["sum"])
 
+    def test_sequential_rows_chain_models_and_measure_against_the_previous_row(self):
+        out = self.tmp / "matrix_seq"
+        self.matrix(out, "--tradeoff-sequential", "--max-steps", "1")
+        mat = json.loads((out / "tradeoff_matrix.json").read_text())
+        self.assertTrue(mat["sequential"])
+        names = ["linf", "fog", "hsv"]
+        for prev, k in zip(names, names[1:]):
+            args = json.loads((out / "rows" / k / "args.json").read_text())
+            self.assertEqual(Path(args["init_ckpt"]), out / "rows" / prev / "model.pt")
+            for j in names:
+                self.assertAlmostEqual(mat["rows"][k]["delta"][j],
+                                       mat["rows"][k]["attacks"][j] - mat["rows"][prev]["attacks"][j], places=12)
+        self.assertIn("sequential", (out / "tradeoff_matrix.md").read_text())
+        proc = self.matrix(out, "--max-steps", "1", expect=1)   # not the same experiment: refused, nothing lost
+        self.assertIn("sequential True", proc.stderr)
+
     def test_matrix_needs_a_pretrained_model_and_the_same_attacks(self):
         proc = run_script("cas.py", *FAST, "--tradeoff-matrix", "--out-dir", self.tmp / "m_bad", expect=1)
         self.assertIn("--init-ckpt", proc.stderr)
