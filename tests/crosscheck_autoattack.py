@@ -107,17 +107,22 @@ def main(argv=None):
         import torchattacks as ta
         res["torchattacks"] = ta.__version__
     idx = correct.nonzero().squeeze(1)
+
+    def run_ours(norm, comp):
+        """Our component alone on the clean-correct points, through the shared acceptance check (skipped if done)."""
+        key, eps = f"ours/{norm}/{comp}", DEFAULT_EPS[norm]
+        if key in res:
+            return
+        (cand, _), sec = timed(lambda: run_component(comp, model, x, y, correct, norm=norm, eps=eps, seed=args.seed))
+        broken = torch.zeros_like(correct)
+        broken[idx] = accept_adversarial(model, x[idx], y[idx], cand[idx], norm=norm, eps=eps)
+        record(key, correct & ~broken, sec)
+
     # 1. component cross-check ---------------------------------------------------------------------------------
     for norm in [n for n in args.norms.split(",") if n]:
         eps = DEFAULT_EPS[norm]
         for comp in COMPONENTS:
-            key = f"ours/{norm}/{comp}"
-            if key not in res:
-                (cand, _), sec = timed(lambda: run_component(comp, model, x, y, correct, norm=norm, eps=eps,
-                                                             seed=args.seed))
-                broken = torch.zeros_like(correct)
-                broken[idx] = accept_adversarial(model, x[idx], y[idx], cand[idx], norm=norm, eps=eps)
-                record(key, correct & ~broken, sec)
+            run_ours(norm, comp)
             key = f"torchattacks/{norm}/{comp}"
             if ta is not None and key not in res:
                 atk = torchattacks_component(ta, comp, model, norm, eps, 10, args.seed)
@@ -129,13 +134,7 @@ def main(argv=None):
     for norm in [n for n in args.aa_norms.split(",") if n]:
         eps = DEFAULT_EPS[norm]
         for comp in COMPONENTS:
-            key = f"ours/{norm}/{comp}"
-            if key not in res:
-                (cand, _), sec = timed(lambda: run_component(comp, model, x, y, correct, norm=norm, eps=eps,
-                                                             seed=args.seed))
-                broken = torch.zeros_like(correct)
-                broken[idx] = accept_adversarial(model, x[idx], y[idx], cand[idx], norm=norm, eps=eps)
-                record(key, correct & ~broken, sec)
+            run_ours(norm, comp)
         key = f"pgd10/{norm}"
         if key not in res:
             gen = torch.Generator().manual_seed(args.seed)
