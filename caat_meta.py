@@ -5,7 +5,9 @@ CE), with a per-sample bound (grad-based Eq. 26 or FRL's class-wise ReMargin). A
 training characteristics (Eqs. 20-24) to the soft direction weights (alpha_x, beta_x) of Eq. (25); Omega is learned
 online on a clean meta set with the one-step look-ahead of Eqs. (27)-(29) (Algorithm 1), under FRL's fairness
 constraints (Eq. 19). The baselines of the paper's tables run in the same harness (--method). Comments "Eq. (k)" and
-"Alg. 1, line n" refer to the CAAT paper; the choices it leaves open are in README.md#caat_metapy.
+"Alg. 1, line n" refer to the CAAT paper; the choices it leaves open are in README.md#caat_metapy. Upstream code
+cited in comments: FRL (Xu et al. 2021; frlrw.py, frlrmrw.py) https://github.com/hannxu123/fair_robust, TRADES
+https://github.com/yaodongyu/TRADES, Meta-Weight-Net https://github.com/xjtushujun/meta-weight-net.
 
     python caat_meta.py --dataset cifar10 --init-ckpt hot_start.pt --lr 0.001 --epochs 40    # FRL protocol
     python caat_meta.py --dataset cifar10 --scenario noisy --noise pairflip --noise-rate 0.2  # from scratch
@@ -32,22 +34,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+import attacks
 from attacks import ATTACKS
 from attacks.lp import TRADES_INIT_STD
 
 SCRIPT = "caat_meta"
 METHODS = ("meta-caat", "pgd-at", "trades", "frl-reweight", "frl-remargin", "frl-both", "baseline-reweight")
 SETTINGS = ("IV", "I", "II", "III", "without")   # Sec. 6.5 ablations; IV = full Meta-CAAT
-REMARGIN_CLAMP = (0.98, 3.0)   # FRL frlrmrw.py: eps_c = eps * clamp(exp(2 phi_m), 0.98, 3) (reference 1.3)
-FRL_HALVE_EVERY = 40           # FRL halves its multiplier rate every 40 epochs (reference 1.2)
-EVAL_STEP = 2 / 255            # test / validation PGD step (FRL, reference 1.6, D4)
+REMARGIN_CLAMP = (0.98, 3.0)   # FRL frlrmrw.py: eps_c = eps * clamp(exp(2 phi_m), 0.98, 3)
+FRL_HALVE_EVERY = 40           # FRL halves its multiplier rate every 40 epochs (FRL's code)
+EVAL_STEP = 2 / 255            # test / validation PGD step (as FRL's code)
 
 
 def make_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_flags(parser)
-    parser.set_defaults(epochs=100, lr=0.1)   # spec caat.md: from scratch, 100 epochs, lr 0.1 (x0.1 at 50%, 75%)
+    parser.set_defaults(epochs=100, lr=0.1)   # default: from scratch, 100 epochs, lr 0.1 (x0.1 at 50%, 75%)
     g = parser.add_argument_group("CAAT (Alg. 1)")
     g.add_argument("--method", type=str, default="meta-caat", choices=METHODS)
     g.add_argument("--setting", type=str, default="IV", choices=SETTINGS,
@@ -88,7 +91,7 @@ def make_parser():
 
 
 def get_args(argv=None):
-    return make_parser().parse_args(argv)
+    return parse_args(make_parser(), argv, check_args)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -97,7 +100,7 @@ def get_args(argv=None):
 
 # ==== BEGIN SHARED: caat-characteristics (canonical: caat_meta.py; identical in caat_reinforce.py; tests/test_copies.py) ====
 CHARACTERISTICS = ("loss", "margin", "grad_norm", "entropy", "class_prop", "class_loss")   # zeta_1..zeta_6
-CLASS_LOSS_MOMENTUM = 0.99   # zeta_6 is an EMA over batches (spec caat.md, reference C1)
+CLASS_LOSS_MOMENTUM = 0.99   # zeta_6 is an EMA over batches (our choice: the paper leaves the averaging open)
 
 
 def raw_characteristics(logits, y, class_counts, class_loss):
@@ -118,7 +121,7 @@ def raw_characteristics(logits, y, class_counts, class_loss):
 
 
 def scale_characteristics(z, num_classes):
-    """Fixed analytic scaling of zeta to O(1), no batch statistics (reference C2): zeta_1/ln C in [0, 5], zeta_2,
+    """Fixed analytic scaling of zeta to O(1), no batch statistics (our choice): zeta_1/ln C in [0, 5], zeta_2,
     zeta_3/sqrt 2, zeta_4/log2 C, log(C zeta_5) (0 when balanced), zeta_6/ln C."""
     ln_c = math.log(num_classes)
     return torch.stack([(z[:, 0] / ln_c).clamp(0, 5), z[:, 1], z[:, 2] / math.sqrt(2), z[:, 3] / math.log2(num_classes),
@@ -133,7 +136,6 @@ def update_class_loss(class_loss, losses, y, momentum=CLASS_LOSS_MOMENTUM):
 # ==== END SHARED: caat-characteristics ====
 
 
-# ==== BEGIN SHARED: caat-bound (canonical: caat_meta.py; identical in caat_reinforce.py; tests/test_copies.py) ====
 def input_grad_norms(model, logits_clean, x_adv, x_anti, y):
     """g of Eq. (26): ||d KL(f(x) || f(x_adv)) / d x_adv||_2 and ||d CE(f(x_anti), y) / d x_anti||_2, each (B,)."""
     p_clean = F.softmax(logits_clean.detach().float(), 1)
@@ -150,10 +152,9 @@ def grad_bound(g_adv, g_anti, a, b, eps, offset=0.9):
 
     a, b: (B,) direction weights alpha_x, beta_x (detached); so eps_x lies in [offset eps, (1 + offset) eps].
     """
-    g_adv_bar = g_adv / g_adv.max().clamp_min(1e-12)     # "normalized" gradient norms (reference M5)
+    g_adv_bar = g_adv / g_adv.max().clamp_min(1e-12)     # "normalized" in Eq. (26): our reading
     g_anti_bar = g_anti / g_anti.max().clamp_min(1e-12)
     return (a * g_adv_bar + b * g_anti_bar + offset) * eps
-# ==== END SHARED: caat-bound ====
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -202,7 +203,7 @@ def longtail_index(y, imbalance, num_classes, generator):
 
 
 def build_scenario(args, data):
-    """Meta (validation) split first (clean), then noise or long tail on the rest only (MW-Net order, reference D1)."""
+    """Meta (validation) split first (clean), then noise or long tail on the rest only (Meta-Weight-Net's order)."""
     num_classes, y_all = data["num_classes"], data["train_y"].cpu()
     gen = torch.Generator().manual_seed(args.seed)
     meta_idx, train_idx = split_meta(y_all, args.meta_per_class, num_classes)
@@ -226,7 +227,7 @@ def build_scenario(args, data):
 # ----------------------------------------------------------------------------------------------------------------
 
 class Fairness:
-    """FRL multipliers: phi_nat / phi_bdy (ReWeight), phi_rob (Baseline ReWeight), phi_m (ReMargin); reference 1.2."""
+    """FRL multipliers: phi_nat / phi_bdy (ReWeight), phi_rob (Baseline ReWeight), phi_m (ReMargin); as FRL's code."""
 
     def __init__(self, num_classes, args):
         self.C, self.args = num_classes, args
@@ -267,7 +268,7 @@ class WeightingNet(nn.Module):
         super().__init__()
         self.tau = tau
         self.net = nn.Sequential(nn.Linear(len(CHARACTERISTICS), hidden), nn.ReLU(), nn.Linear(hidden, 2))
-        nn.init.zeros_(self.net[2].weight)   # neutral start alpha = beta = 0.5 (reference M1)
+        nn.init.zeros_(self.net[2].weight)   # neutral start alpha = beta = 0.5 (our choice)
         nn.init.zeros_(self.net[2].bias)
 
     def forward(self, zeta):
@@ -321,7 +322,8 @@ def meta_step(model, wnet, wopt, zeta, x, x_adv, x_anti, y, w_nat, w_bdy, x_meta
     fast = {k: p - lr * g for (k, p), g in zip(params.items(), grads)}   # Eq. (27): W_hat, eta_1 = current lr
     buffers = {k: v.clone() for k, v in model.named_buffers()}
     # DEVIATION: Eq. (28) weights the meta loss by alpha/beta of the meta samples; we use the unweighted TRADES loss
-    # -- the literal form is minimised by sending every meta sample to the anti-adversary branch (reference 7.1, M6)
+    # -- the literal form is minimised by sending every meta sample to the anti-adversary branch (an
+    # anti-adversary's CE is at most the clean CE), which Omega could do without learning anything
     m = per_sample_losses(lambda inp: functional_call(model, (fast, buffers), (inp,)), x_meta, x_meta_adv, None, y_meta)
     meta_loss = (m["ce"] + lam * m["kl"]).mean()
     omega = list(wnet.parameters())
@@ -375,7 +377,7 @@ def train_step(model, wnet, opt, wopt, x, y, meta_batch, ctx, args):
         x_adv = ATTACKS["linf"](model, x, y, eps=args.eps, steps=args.attack_steps, step_size=args.eps / 4)
         x_anti = None
     else:
-        if varied and (args.bound == "remargin" or not meta):             # FRL ReMargin, class-wise (reference 1.3)
+        if varied and (args.bound == "remargin" or not meta):             # FRL ReMargin, class-wise (frlrmrw.py)
             eps = ctx["eps_cls"][y]
         elif varied:                                                      # Alg. 1, line 6: Eq. (26) at the init points
             # (the 0.001 N init lies far inside every eps ball, so attacks.linf's projection leaves it unchanged)
@@ -385,7 +387,7 @@ def train_step(model, wnet, opt, wopt, x, y, meta_batch, ctx, args):
         x_adv = perturb(model, x, y, eps, args.attack_steps, 1, "kl", seed_adv)                        # line 8
         x_anti = perturb(model, x, y, eps, args.attack_steps, -1, "ce", seed_anti) if anti else None  # line 9
     x_meta_adv = None
-    if learned:   # the meta batch's adversary against the current W, fixed eps (reference M6)
+    if learned:   # the meta batch's adversary against the current W, fixed eps (meta loss of meta_step)
         eps_meta = torch.full((len(meta_batch[1]),), args.eps, device=x.device)
         x_meta_adv = perturb(model, *meta_batch, eps_meta, args.attack_steps, 1, "kl",
                              int(torch.randint(0, 2 ** 62, (1,))))
@@ -408,7 +410,7 @@ def train_step(model, wnet, opt, wopt, x, y, meta_batch, ctx, args):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Metrics: class-wise natural / boundary / robust errors (Eqs. 45-47; worst boundary = class-wise max, reference 1.6)
+# Metrics: class-wise natural / boundary / robust errors (Eqs. 45-47; worst boundary = class-wise max, as FRL's code)
 # ----------------------------------------------------------------------------------------------------------------
 
 # ==== BEGIN SHARED: caat-metrics (canonical: caat_meta.py; identical in caat_reinforce.py; tests/test_copies.py) ====
@@ -706,7 +708,7 @@ def fraction(s: str) -> float:
 def add_common_flags(parser):
     g = parser.add_argument_group("common")
     g.add_argument("--dataset", type=str, default="cifar10", choices=("cifar10", "cifar100", "svhn", "fake"),
-                   help="fake: seeded random 32x32 tensors for tests (no files needed)")
+                   help="fake: seeded synthetic 32x32 images for tests (no files needed)")
     g.add_argument("--data-dir", type=str, default="./data", help="where the dataset files are (or are downloaded to)")
     g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                    help="download missing dataset files (md5-checked archives)")
@@ -721,17 +723,17 @@ def add_common_flags(parser):
     g.add_argument("--seed", type=int, default=0, help="one seed drives everything")
     g.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False,
-                   help="deterministic cuDNN / algorithms (slower; CPU runs are deterministic anyway)")
+                   help="deterministic algorithms; on CUDA, ops without one warn and stay nondeterministic (README)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                    help="bf16 autocast for the training forward/backward (attacks stay fp32)")
     g.add_argument("--resume", type=str, default="", help="run directory or ckpt.pt of the SAME run to continue")
     g.add_argument("--init-ckpt", type=str, default="", help="weights to start from (model.pt or a plain state_dict)")
-    g.add_argument("--max-steps", type=int, default=0, help="stop each phase after N optimizer steps (0 = no limit)")
+    g.add_argument("--max-steps", type=int, default=0, help="stop each stage after N optimizer steps (0 = no limit)")
     g.add_argument("--interrupt-at-step", type=int, default=0,
                    help="testing aid: exit with status 3 right after optimizer step N, as if killed")
     g.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations on the test subset")
     g.add_argument("--eval-examples", type=int, default=1000, help="first N test images for per-epoch robust accuracy")
-    g.add_argument("--attacks", type=str, default="", help="comma list of attacks.ATTACKS names (default: all registered)")
+    g.add_argument("--attacks", type=str, default="", help="comma list of attacks.ATTACKS names (default: all 21)")
     g.add_argument("--attack-steps", type=int, default=10, help="inner steps of every training-time attack")
     g.add_argument("--width", type=int, default=64, help="base width of PreActResNet-18 (64 = the paper; tests use 8)")
     g.add_argument("--activation", type=str, default="relu", choices=("relu", "softplus"),
@@ -739,6 +741,41 @@ def add_common_flags(parser):
     g.add_argument("--input-norm", type=str, default="dataset", choices=("dataset", "none"),
                    help="mean/std inside the model: the dataset's, or none (E-AT's weights expect raw [0,1] input)")
     return parser
+
+
+def check_common_args(args):
+    """Values outside a common flag's meaning, unreadable files, a taken run directory: ValueError, before any work."""
+    if args.resume:
+        return                                   # a resumed run takes its settings from its checkpoint
+    for flag, low in (("batch_size", 1), ("epochs", 0), ("eval_every", 1), ("eval_examples", 1), ("width", 1),
+                      ("attack_steps", 1), ("max_steps", 0), ("train_subset", 0), ("test_subset", 0)):
+        if getattr(args, flag) < low:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= {low}")
+    if not (args.lr > 0 and 0 <= args.momentum < 1 and args.weight_decay >= 0):
+        raise ValueError(f"need --lr > 0, 0 <= --momentum < 1, --weight-decay >= 0; got {args.lr}, {args.momentum}, "
+                         f"{args.weight_decay}")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available; use --device cpu")
+    if args.attacks:
+        attacks.registered(args.attacks)
+    if args.out_dir and (Path(args.out_dir) / "ckpt.pt").exists():
+        raise ValueError(f"--out-dir {args.out_dir} already holds a run; continue it with --resume {args.out_dir}")
+    if args.dataset != "fake":
+        ensure_files(args.dataset, Path(args.data_dir), args.download)
+    if args.init_ckpt:                            # the weights must fit the model this run builds
+        load_weights(build_model(DATASETS[args.dataset]["num_classes"], (0.0,) * 3, (1.0,) * 3, args.width,
+                                 args.activation), args.init_ckpt)
+
+
+def parse_args(parser, argv, check):
+    """Parse, then validate everything before anything is written: a user error is one line and exit 2."""
+    args = parser.parse_args(argv)
+    try:
+        check_common_args(args)
+        check(args)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    return args
 # ==== END SHARED: common-flags ====
 
 
@@ -748,10 +785,11 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)                      # seeds the CPU and every CUDA device
     torch.backends.cudnn.benchmark = not deterministic
-    if deterministic:                            # slower; see PyTorch's "Reproducibility" notes
+    if deterministic:   # CPU runs are deterministic anyway. On CUDA, ops without a deterministic kernel (grid_sample,
+        # interpolate and reflection-pad backward in some attacks) warn instead of raising: README, "Reproducibility"
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.deterministic = True
-        torch.use_deterministic_algorithms(True)
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def pick_device(name: str) -> torch.device:
@@ -759,33 +797,45 @@ def pick_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name!r} requested but CUDA is not available; use --device cpu")
     return device
+# ==== END SHARED: setup ====
 
 
+# ==== BEGIN SHARED: run-dir (canonical: cas.py; identical in caat_meta.py, caat_reinforce.py; tests/test_copies.py) ====
 def make_run_dir(args, script: str, resuming: bool = False) -> Path:
     """Create (or, when resuming, reuse) the run directory; never overwrite another run's files."""
     if not args.out_dir:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        args.out_dir = str(Path("runs") / script / f"{args.dataset}-s{args.seed}-{stamp}")
+        args.out_dir = str(Path("runs") / script / f"{args.dataset}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
     out = Path(args.out_dir)
     if not resuming and (out / "ckpt.pt").exists():
-        raise FileExistsError(f"{out} already holds a run (ckpt.pt); continue it with --resume {out} "
-                              f"or choose another --out-dir")
+        raise FileExistsError(f"{out} already holds a run (ckpt.pt); continue it with --resume {out}")
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
 def run_info(device: torch.device) -> dict:
-    """Versions and machine facts recorded in args.json."""
-    info = {"python": sys.version.split()[0], "torch": torch.__version__, "start_time": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    """Versions, machine and commit recorded in args.json."""
+    import subprocess
     try:
-        import subprocess
-        info["git"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                     cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip()
+        git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        info["git"] = ""
-    return info
-# ==== END SHARED: setup ====
+        git = ""
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "git": git,
+            "start_time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def save_checkpoint(path, obj):
+    """Atomic torch.save: write path.tmp, then os.replace (a kill at any moment leaves the old or the new file)."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+# ==== END SHARED: run-dir ====
 
 
 # ==== BEGIN SHARED: model (canonical: cas.py; identical in caat_meta.py, caat_reinforce.py, eval.py; tests/test_copies.py) ====
@@ -802,17 +852,13 @@ class Normalize(nn.Module):
 
 
 class PreActBlock(nn.Module):
-    """Pre-activation basic block (He et al. 2016) as in Rice et al. 2020 / E-AT: bn1-act-conv1-bn2-act-conv2 + skip.
-
-    The projection shortcut (1x1 conv, when the shape changes) takes the activated input, the identity the raw one.
-    """
+    """Pre-activation basic block (He et al. 2016) as in Rice et al. 2020 / E-AT: bn1-act-conv1-bn2-act-conv2 + skip;
+    the projection shortcut (1x1 conv, when the shape changes) takes the activated input, the identity the raw one."""
 
     def __init__(self, in_planes, planes, stride, act):
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn1, self.conv1 = nn.BatchNorm2d(in_planes), nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(planes), nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.act = act
         if stride != 1 or in_planes != planes:
             self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False))
@@ -820,38 +866,31 @@ class PreActBlock(nn.Module):
     def forward(self, x):
         out = self.act(self.bn1(x))
         skip = self.shortcut(out) if hasattr(self, "shortcut") else x
-        out = self.conv1(out)
-        out = self.conv2(self.act(self.bn2(out)))
-        return out + skip
+        return self.conv2(self.act(self.bn2(self.conv1(out)))) + skip
 
 
 class PreActResNet18(nn.Module):
-    """PreActResNet-18 with the layer names of Rice et al. / E-AT (conv1, layer1..4, bn, linear).
+    """PreActResNet-18 with the layer names of Rice et al. / E-AT (conv1, layer1..4, bn, linear); input in [0, 1].
 
-    Input in [0, 1]; normalisation is the first module (no state_dict entries). Final bn -> ReLU -> 4x4 average
-    pool -> linear (ReLU even with softplus blocks, as E-AT). width 64 = the standard model (64-128-256-512).
+    Final bn -> ReLU -> average pool -> linear (ReLU even with softplus blocks, as E-AT). width 64 = the standard model.
     """
 
     def __init__(self, num_classes=10, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), width=64, activation="relu"):
         super().__init__()
-        if activation not in ("relu", "softplus"):
-            raise ValueError(f"unknown activation {activation!r}; choose from relu, softplus")
         act = nn.ReLU() if activation == "relu" else nn.Softplus(beta=1.0)
         self.normalize = Normalize(mean, std)
         self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
         planes, layers = width, []
         for i, stride in enumerate((1, 2, 2, 2)):
-            out = width * 2 ** i
-            layers.append(nn.Sequential(PreActBlock(planes, out, stride, act), PreActBlock(out, out, 1, act)))
-            planes = out
+            layers.append(nn.Sequential(PreActBlock(planes, width * 2 ** i, stride, act),
+                                        PreActBlock(width * 2 ** i, width * 2 ** i, 1, act)))
+            planes = width * 2 ** i
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
-        self.bn = nn.BatchNorm2d(planes)
-        self.linear = nn.Linear(planes, num_classes)
+        self.bn, self.linear = nn.BatchNorm2d(planes), nn.Linear(planes, num_classes)
 
     def features(self, x):
         """Outputs of layer1..layer4 (pre-activation sums), for ppgd's "self" perceptual distance."""
-        out = self.conv1(self.normalize(x))
-        feats = []
+        out, feats = self.conv1(self.normalize(x)), []
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             out = layer(out)
             feats.append(out)
@@ -868,10 +907,10 @@ def build_model(num_classes, mean, std, width=64, activation="relu"):
 
 def extract_state_dict(obj, path):
     """The state_dict inside a checkpoint: ours ({"model": ...}), Rice et al.'s ({"state_dict": ...}) or a plain one."""
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
+    for key in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path}: not a state_dict (expected a dict of tensors, or a checkpoint with a 'model' "
                          f"or 'state_dict' entry); got {type(obj).__name__}")
@@ -879,43 +918,26 @@ def extract_state_dict(obj, path):
 
 
 def load_weights(model, path):
-    """Load a checkpoint's weights into `model` strictly, with a clear error on missing/unexpected/mis-shaped keys."""
+    """Load a checkpoint's weights into `model` strictly; one clear error line for missing/unexpected/mis-shaped keys."""
     sd = extract_state_dict(load_checkpoint(path), path)
     own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    shapes = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                    for k in set(own) & set(sd) if sd[k].shape != own[k].shape)
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    shapes = sorted(f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in set(own) & set(sd)
+                    if sd[k].shape != own[k].shape)
     if missing or unexpected or shapes:
-        raise ValueError(f"{path} does not fit this PreActResNet-18 (check --width/--activation/dataset):\n"
-                         f"  missing keys: {missing[:10]}{' ...' if len(missing) > 10 else ''}\n"
-                         f"  unexpected keys: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}\n"
-                         f"  shape mismatches: {shapes[:10]}")
+        raise ValueError(f"{path} does not fit this PreActResNet-18 (check --width/--activation/--dataset): "
+                         f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}, "
+                         f"shape mismatches (checkpoint vs model) {shapes[:3]}")
     model.load_state_dict(sd)
     return model
-
-
-def build_model_from_ckpt(path, device="cpu", width=None, activation=None, num_classes=None, mean=None, std=None):
-    """Rebuild a model from a model.pt / ckpt.pt (metadata) or a plain state_dict (pass width etc.); eval mode."""
-    ckpt = load_checkpoint(path)
-    meta = ckpt if isinstance(ckpt, dict) and "arch" in ckpt else {}
-    if meta and meta["arch"] != "preact_resnet18":
-        raise ValueError(f"{path}: unknown arch {meta['arch']!r}; this code builds preact_resnet18")
-    model = build_model(num_classes or meta.get("num_classes", 10), mean or meta.get("mean", (0.0, 0.0, 0.0)),
-                        std or meta.get("std", (1.0, 1.0, 1.0)), width or meta.get("width", 64),
-                        activation or meta.get("activation", "relu"))
-    load_weights(model, path)
-    return model.to(device).eval()
 # ==== END SHARED: model ====
 
 
 # ==== BEGIN SHARED: data (canonical: cas.py; identical in caat_meta.py, caat_reinforce.py, eval.py; tests/test_copies.py) ====
-# name -> classes, mean, std, files (relative to --data-dir), archive/url + md5 used to download them
+# name -> classes, mean, std, augmentation, files (relative to --data-dir), (url, md5) to download them
 DATASETS = {
     "cifar10": dict(num_classes=10, mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616), augment="crop_flip",
-                    files=["cifar-10-batches-py/data_batch_1", "cifar-10-batches-py/data_batch_2",
-                           "cifar-10-batches-py/data_batch_3", "cifar-10-batches-py/data_batch_4",
-                           "cifar-10-batches-py/data_batch_5", "cifar-10-batches-py/test_batch"],
+                    files=[f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)] + ["cifar-10-batches-py/test_batch"],
                     urls=[("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a")]),
     "cifar100": dict(num_classes=100, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), augment="crop_flip",
                      files=["cifar-100-python/train", "cifar-100-python/test"],
@@ -930,57 +952,48 @@ FAKE_SIZES = (256, 64)   # train / test images of --dataset fake
 
 
 def ensure_files(name, root, download):
-    """Make sure the dataset files exist under root; download them if allowed, else raise a clear error."""
+    """Make sure the dataset files exist under root; download them if allowed, else a clear FileNotFoundError."""
     spec = DATASETS[name]
     missing = [f for f in spec["files"] if not (root / f).exists()]
-    if not missing:
-        return
-    if download:
+    if missing and download:
         try:
             from torchvision.datasets.utils import download_and_extract_archive, download_url
             for url, md5 in spec["urls"]:
-                if url.endswith(".tar.gz"):
-                    download_and_extract_archive(url, str(root), md5=md5)
-                else:
-                    download_url(url, str(root), md5=md5)
-            missing = [f for f in spec["files"] if not (root / f).exists()]
-        except Exception as e:   # offline, proxy, disk: report it with the files the user must provide
-            raise FileNotFoundError(f"{name}: could not download ({type(e).__name__}: {e}). Put these files under "
-                                    f"--data-dir {root}: {', '.join(spec['files'])} (from {spec['urls'][0][0]})") from e
+                (download_and_extract_archive if url.endswith(".tar.gz") else download_url)(url, str(root), md5=md5)
+        except Exception as e:   # offline, proxy, disk: name the files the user must provide
+            raise FileNotFoundError(f"{name}: could not download ({type(e).__name__}: {e}); put "
+                                    f"{', '.join(spec['files'])} under --data-dir {root}") from e
+        missing = [f for f in spec["files"] if not (root / f).exists()]
     if missing:
         raise FileNotFoundError(f"{name}: missing {', '.join(missing)} under --data-dir {root}; download them from "
                                 f"{', '.join(u for u, _ in spec['urls'])} (or drop --no-download)")
 
 
 def read_split(name, root, train):
-    """(uint8 images (N, 3, 32, 32), int64 labels (N,)) read from the standard files (no md5 check of the files)."""
+    """(uint8 images (N, 3, 32, 32), int64 labels (N,)) from the standard files (no md5 check of the files)."""
     import pickle
-    if name in ("cifar10", "cifar100"):
-        if name == "cifar10":
-            files = [f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)] if train else ["cifar-10-batches-py/test_batch"]
-        else:
-            files = ["cifar-100-python/train" if train else "cifar-100-python/test"]
-        xs, ys = [], []
-        for f in files:
-            with open(root / f, "rb") as fh:
-                d = pickle.load(fh, encoding="bytes")
-            xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(d[b"labels"] if b"labels" in d else d[b"fine_labels"], dtype=np.int64))
-        return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
-    from scipy.io import loadmat   # svhn: X (32, 32, 3, N), y (N, 1) with label 10 for the digit 0
-    d = loadmat(str(root / ("train_32x32.mat" if train else "test_32x32.mat")))
-    x = torch.from_numpy(np.ascontiguousarray(d["X"].transpose(3, 2, 0, 1)))
-    y = torch.from_numpy(d["y"].astype(np.int64).reshape(-1) % 10)
-    return x, y
+    if name == "svhn":   # X (32, 32, 3, N), y (N, 1) with label 10 for the digit 0
+        from scipy.io import loadmat
+        d = loadmat(str(root / ("train_32x32.mat" if train else "test_32x32.mat")))
+        return (torch.from_numpy(np.ascontiguousarray(d["X"].transpose(3, 2, 0, 1))),
+                torch.from_numpy(d["y"].astype(np.int64).reshape(-1) % 10))
+    files = [f for f in DATASETS[name]["files"] if ("test" not in f) == train]
+    xs, ys = [], []
+    for f in files:
+        with open(root / f, "rb") as fh:
+            d = pickle.load(fh, encoding="bytes")
+        xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(d[b"labels"] if b"labels" in d else d[b"fine_labels"], dtype=np.int64))
+    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
 
 def fake_split(n, seed, num_classes=10):
-    """Seeded, learnable random images: a per-class colour and stripe pattern plus noise."""
+    """Seeded synthetic images: a per-class colour and stripe frequency shared by every split, plus per-image noise."""
+    proto = torch.rand(num_classes, 3, 1, 1, generator=torch.Generator().manual_seed(1234)) * 0.6 + 0.2
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, num_classes, (n,), generator=g)
-    base = torch.rand(num_classes, 3, 1, 1, generator=g) * 0.6 + 0.2
     stripes = torch.sin(torch.arange(32.0) * (y.float()[:, None] + 1) * 0.4)[:, None, None, :] * 0.15
-    x = base[y] + stripes + 0.1 * torch.randn(n, 3, 32, 32, generator=g)
+    x = proto[y] + stripes + 0.1 * torch.randn(n, 3, 32, 32, generator=g)
     return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
 
 
@@ -990,13 +1003,10 @@ def make_datasets(args, device):
     if args.dataset == "fake":
         (tx, ty), (vx, vy) = fake_split(FAKE_SIZES[0], 0), fake_split(FAKE_SIZES[1], 1)
     else:
-        root = Path(args.data_dir)
-        ensure_files(args.dataset, root, args.download)
-        (tx, ty), (vx, vy) = read_split(args.dataset, root, True), read_split(args.dataset, root, False)
-    if args.train_subset:
-        tx, ty = tx[: args.train_subset], ty[: args.train_subset]
-    if args.test_subset:
-        vx, vy = vx[: args.test_subset], vy[: args.test_subset]
+        ensure_files(args.dataset, Path(args.data_dir), args.download)
+        (tx, ty), (vx, vy) = (read_split(args.dataset, Path(args.data_dir), t) for t in (True, False))
+    tx, ty = (tx[: args.train_subset], ty[: args.train_subset]) if args.train_subset else (tx, ty)
+    vx, vy = (vx[: args.test_subset], vy[: args.test_subset]) if args.test_subset else (vx, vy)
     mean, std = (spec["mean"], spec["std"]) if args.input_norm == "dataset" else ((0.0,) * 3, (1.0,) * 3)
     return {"train_x": tx.to(device), "train_y": ty.to(device), "test_x": vx.to(device), "test_y": vy.to(device),
             "num_classes": spec["num_classes"], "mean": mean, "std": std, "augment": spec["augment"]}
@@ -1008,18 +1018,14 @@ def to_float(x_u8):
 
 def augment_batch(x, generator, kind, pad=4):
     """Random crop (zero padding `pad`) and, for kind 'crop_flip', horizontal flip, batched on x's device."""
-    b, _, h, w = x.shape
+    b, c, h, w = x.shape
     offs = torch.randint(0, 2 * pad + 1, (2, b), generator=generator).to(x.device)
     flip = torch.rand(b, generator=generator).to(x.device) < 0.5
-    xp = F.pad(x, (pad, pad, pad, pad))
     rows = (offs[0][:, None] + torch.arange(h, device=x.device))[:, None, :, None]   # (B, 1, H, 1)
     cols = offs[1][:, None] + torch.arange(w, device=x.device)                       # (B, W)
-    if kind == "crop_flip":
-        cols = torch.where(flip[:, None], cols.flip(1), cols)
-    cols = cols[:, None, None, :]                                                     # (B, 1, 1, W)
+    cols = torch.where(flip[:, None], cols.flip(1), cols) if kind == "crop_flip" else cols
     bidx = torch.arange(b, device=x.device)[:, None, None, None]
-    cidx = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
-    return xp[bidx, cidx, rows, cols]
+    return F.pad(x, (pad,) * 4)[bidx, torch.arange(c, device=x.device)[None, :, None, None], rows, cols[:, None, None, :]]
 
 
 def iterate_batches(x_u8, y, batch_size, generator=None, augment=None):
@@ -1029,9 +1035,7 @@ def iterate_batches(x_u8, y, batch_size, generator=None, augment=None):
     for i in range(0, n, batch_size):
         idx = order[i: i + batch_size]
         xb = to_float(x_u8[idx])
-        if generator is not None and augment:
-            xb = augment_batch(xb, generator, augment)
-        yield xb, y[idx]
+        yield (augment_batch(xb, generator, augment) if generator is not None and augment else xb), y[idx]
 # ==== END SHARED: data ====
 
 
@@ -1039,9 +1043,8 @@ def iterate_batches(x_u8, y, batch_size, generator=None, augment=None):
 def evaluate(model, x_u8, y, attack_fns, batch_size, seed):
     """Clean accuracy and accuracy under each attack (dict name -> fn(model, x, y) -> x_adv) on (x_u8, y).
 
-    The model is in eval mode throughout (its mode is restored after). The RNG is forked and re-seeded before each
-    attack, so a result depends neither on the training RNG nor on which other attacks ran. Also returns the
-    per-example correctness (for union / class-wise metrics).
+    Eval mode throughout (the mode is restored after). The RNG is forked and re-seeded before each attack, so a result
+    depends neither on the training RNG nor on which other attacks ran. Also returns per-example correctness.
     """
     was_training = model.training
     model.eval()
@@ -1061,49 +1064,19 @@ def evaluate(model, x_u8, y, attack_fns, batch_size, seed):
     model.train(was_training)
     acc = {k: v.float().mean().item() for k, v in correct.items()}
     return {"clean": acc.pop("clean"), "attacks": acc, "correct": correct}
-
-
-def scenario_weights(names, scenario):
-    """Importance weights w_v of CAS Sec. 5.1: 6 for l_inf, l_2, l_1 (cifar) or snow, fog, blur (svhn), else 1."""
-    heavy = {"cifar": ("linf", "l2", "l1"), "svhn": ("snow", "fog", "blur")}
-    if scenario not in heavy:
-        raise ValueError(f"unknown scenario {scenario!r}; choose from {sorted(heavy)}")
-    return [6.0 if n in heavy[scenario] else 1.0 for n in names]
-
-
-def aggregate(acc, weights, names, scenario):
-    """CAS Table 1 aggregates: weighted avg. Robust; avg. l_p / avg. Semantic (cifar) or avg. Corruption / Others."""
-    out = {"avg_robust": sum(w * acc[n] for n, w in zip(names, weights)) / sum(weights) if names else float("nan")}
-    group = ("linf", "l2", "l1") if scenario == "cifar" else ("snow", "fog", "blur")
-    keys = ("avg_lp", "avg_semantic") if scenario == "cifar" else ("avg_corruption", "avg_others")
-    inside = [acc[n] for n in names if n in group]
-    outside = [acc[n] for n in names if n not in group]
-    out[keys[0]] = sum(inside) / len(inside) if inside else float("nan")
-    out[keys[1]] = sum(outside) / len(outside) if outside else float("nan")
-    return out
 # ==== END SHARED: evaluate ====
 
 
 # ==== BEGIN SHARED: io (canonical: cas.py; identical in caat_meta.py, caat_reinforce.py, eval.py; tests/test_copies.py) ====
+def write_text(path, text):
+    """Atomic write (temp file + os.replace): a crash never leaves a half-written file."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_json(path, obj):
-    """Atomic JSON write (temp file + os.replace): a crash never leaves a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def append_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-
-
-def save_checkpoint(path, obj):
-    """Atomic torch.save: write path.tmp, then os.replace (a kill at any moment leaves the old or the new file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def load_checkpoint(path):

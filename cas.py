@@ -1,25 +1,21 @@
-"""CAS -- Calibrated Adversarial Sampling, reference implementation (with SAT, E-AT, Order and AVG baselines).
+"""CAS -- Calibrated Adversarial Sampling, reference implementation (with the SAT, E-AT, Order and AVG baselines).
 
-Fine-tunes an l_p-robust PreActResNet-18 against M attacks ("arms", any names of attacks.ATTACKS), choosing ONE
-attack per mini-batch with a multi-armed bandit: UCB (Eq. 9) over a reward made of each arm's own loss trend
-(Eq. 6) and its cross-attack trade-off (Eq. 7); the model takes one SGD step on the hybrid loss (Eq. 8).
-Comments "Eq. (k)" and "Alg. 1, line n" refer to the CAS paper ("Calibrated Adversarial Sampling"); the spec
-choices the paper leaves open are listed in README.md#caspy.
+Fine-tunes an l_p-robust PreActResNet-18 against M attacks ("arms", names of attacks.ATTACKS), choosing ONE attack
+per mini-batch with a multi-armed bandit: UCB (Eq. 9) over a reward made of each arm's own loss trend (Eq. 6) and
+its cross-attack trade-off (Eq. 7); the model takes one SGD step on the hybrid loss (Eq. 8). "Eq. (k)" and "Alg. 1,
+line n" refer to the CAS paper (Wang, Wei, Zhang, Sun: "Calibrated Adversarial Sampling: Multi-Armed Bandit-Guided
+Generalization Against Unforeseen Attacks"); "README D<n>" to the numbered implementation details of README.md#caspy.
 
-Without --init-ckpt the script first pre-trains the l_p-robust model (PGD-AT: l_inf for CIFAR-10, l_2 for
-CIFAR-100/SVHN) for --pretrain-epochs, then fine-tunes for --epochs.
-
-    python cas.py --dataset cifar10 --init-ckpt runs/pretrain/model.pt            # the paper's setting
-    python cas.py --dataset cifar10                                               # pre-train, then CAS
+    python cas.py --dataset cifar10                                   # pre-train (l_p PGD-AT), then CAS: the whole job
+    python cas.py --dataset cifar10 --init-ckpt runs/pre/model.pt     # CAS from an l_p-robust model (the paper)
     python cas.py --dataset fake --device cpu --width 8 --pretrain-epochs 1 --epochs 1 --max-steps 2 \
-        --attack-steps 1 --eval-examples 8                                        # smoke test
+        --attack-steps 1 --eval-examples 8                            # smoke test (seconds)
 
-Writes args.json, log.jsonl, ckpt.pt, model.pt, results.json into the run directory printed first
-(README.md#outputs). `from cas import CASSampler` gives the bandit alone (the script runs only under __main__).
+Writes args.json, log.jsonl, ckpt.pt, model.pt, results.json into the run directory printed first; `--resume DIR`
+continues it. `from cas import CASSampler` gives the bandit alone (the script runs only under __main__).
 """
 
 import argparse
-import inspect
 import json
 import math
 import os
@@ -28,7 +24,9 @@ import sys
 import time
 from collections import deque
 from fractions import Fraction
+from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -36,70 +34,78 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attacks
-from attacks import ATTACKS, DEFAULT_EPS, LP
+from attacks import ATTACKS, attack_settings
 
 SCRIPT = "cas"
 SAMPLERS = ("cas", "sat", "eat", "order", "avg")
 
 
 def make_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_flags(parser)
     parser.set_defaults(epochs=10, lr=0.1)   # Sec. 5.1: 10 epochs of fine-tuning at initial lr 0.1
     g = parser.add_argument_group("CAS (Alg. 1)")
     g.add_argument("--sampler", type=str, default="cas", choices=SAMPLERS,
-                   help="cas (Alg. 1) or a baseline: sat (pi ~ w), eat (E-AT), order (fixed weighted cycle), "
-                        "avg (all arms every batch)")
-    g.add_argument("--alpha", type=float, default=10.0, help="alpha, reward scale in Eq. (9) (Sec. 5.1)")
-    g.add_argument("--beta", type=fraction, default=8 / 9, help="beta, adversarial weight of the hybrid loss Eq. (8)")
-    g.add_argument("--window", type=int, default=10, help="W, sliding window of the slope in Eq. (6)")
+                   help="cas (Alg. 1), or a baseline: sat (pi ~ w), eat (E-AT), order (weighted cycle), avg (all arms)")
+    g.add_argument("--alpha", type=float, default=10.0, help="reward scale alpha of Eq. (9), > 0 (Sec. 5.1)")
+    g.add_argument("--beta", type=fraction, default=8 / 9, help="adversarial weight beta in [0, 1] of Eq. (8)")
+    g.add_argument("--window", type=int, default=10, help="W >= 2: an arm's own last W pulls in the slope of Eq. (6)")
     g.add_argument("--tradeoff", action=argparse.BooleanOptionalAction, default=True,
-                   help="use R^tradeoff of Eq. (7) (--no-tradeoff: R = R^self, ablation)")
+                   help="R^tradeoff of Eq. (7) (--no-tradeoff: R = R^self, Table 4 ablation)")
     g.add_argument("--ucb", action=argparse.BooleanOptionalAction, default=True,
-                   help="add the UCB exploration term of Eq. (9) (--no-ucb: ablation)")
+                   help="the exploration term of Eq. (9) (--no-ucb: Table 4 ablation)")
     g.add_argument("--scenario", type=str, default="auto", choices=("auto", "cifar", "svhn"),
                    help="importance weights w_v of Sec. 5.1 (auto: svhn for SVHN, else cifar)")
     g.add_argument("--schedule", type=str, default="cosine", choices=("cosine", "piecewise"),
-                   help="fine-tuning lr schedule (the paper gives none; cosine to 0 per iteration)")
+                   help="fine-tuning lr schedule (the paper gives none; README D7)")
     g.add_argument("--eval-attack-steps", type=int, default=20,
-                   help="steps of the l_p attacks in the per-epoch evaluation (other attacks: their defaults)")
-    g.add_argument("--log-every", type=int, default=50, help="iterations per bandit log window (pi, N, R)")
+                   help="per-epoch evaluation: at most N steps per attack (0 = full strength, as eval.py)")
+    g.add_argument("--log-every", type=int, default=50, help="iterations per bandit log line (pi, N, R)")
     g.add_argument("--pretrain-epochs", type=int, default=100,
-                   help="l_p PGD-AT epochs when no --init-ckpt is given (lr 0.1, /10 at 50%% and 75%%)")
+                   help="without --init-ckpt: l_p PGD-AT epochs before fine-tuning (lr 0.1, /10 at 50%% and 75%%)")
     c = parser.add_argument_group("calibration of the semantic budgets (Eq. 11)")
-    c.add_argument("--eps-table", type=str, default="",
-                   help="JSON {attack: eps} overriding default budgets (e.g. eps_table.json of a --calibrate run)")
+    c.add_argument("--eps-table", type=str, default="", help="JSON {attack: eps} (e.g. eps_table.json of --calibrate)")
     c.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=False,
-                   help="before fine-tuning, calibrate every semantic budget with Eq. (11) on the starting model")
-    c.add_argument("--calib-lambda", type=float, default=0.6,
-                   help="lambda_k of Eq. (11) (the paper gives no value; 0.6 grows eps when acc > 0.4, shrinks it below)")
+                   help="calibrate every semantic budget with Eq. (11) on the starting model before fine-tuning")
+    c.add_argument("--calib-lambda", type=float, default=0.6, help="lambda_k of Eq. (11), one for all attacks (D11)")
     c.add_argument("--calib-range", type=float, nargs=2, default=(0.2, 0.6), metavar=("LO", "HI"),
-                   help="target robust-accuracy range of the calibration (Sec. 5.1: 20%%-60%%)")
+                   help="target robust-accuracy range (Sec. 5.1: 20%%-60%%)")
     c.add_argument("--calib-rounds", type=int, default=6, help="at most this many Eq. (11) updates per attack")
     c.add_argument("--calib-examples", type=int, default=500,
-                   help="first N TRAINING images (no augmentation) used to calibrate, so the test subset stays unseen")
-    e = parser.add_argument_group("experiments")
-    e.add_argument("--tradeoff-matrix", action="store_true",
-                   help="Figs. 3/6 instead of one run: fine-tune --init-ckpt on each attack of --attacks alone for "
-                        "--epochs epochs, evaluate every attack on --eval-examples test images, write "
-                        "tradeoff_matrix.json/.md (rerun the same command to continue an interrupted matrix)")
-    e.add_argument("--tradeoff-sequential", action="store_true",
-                   help="with --tradeoff-matrix: row k starts from row k-1's model and its changes are measured "
-                        "against that model (the 'sequential fine-tuning' reading of Sec. 3), not from --init-ckpt")
+                   help="first N TRAINING images (no augmentation) to calibrate on; the test images stay unseen")
     return parser
 
 
+def check_args(args):
+    """CAS flags outside their meaning (the common ones are checked by check_common_args)."""
+    if args.resume:
+        return load_resume(args.resume) and None
+    if not args.alpha > 0:
+        raise ValueError(f"--alpha {args.alpha}: must be > 0 (Eq. 9; the paper sweeps 1-50, a negative alpha "
+                         f"inverts the bandit's preference)")
+    if not 0.0 <= args.beta <= 1.0:
+        raise ValueError(f"--beta {args.beta}: must lie in [0, 1] (Eq. 8)")
+    for flag, low in (("window", 2), ("log_every", 1), ("pretrain_epochs", 0), ("eval_attack_steps", 0),
+                      ("calib_rounds", 0), ("calib_examples", 1)):
+        if getattr(args, flag) < low:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= {low}")
+    if not (0 <= args.calib_range[0] < args.calib_range[1] <= 1 and args.calib_lambda > 0):
+        raise ValueError(f"--calib-range {args.calib_range} / --calib-lambda {args.calib_lambda}: need "
+                         f"0 <= LO < HI <= 1 and lambda > 0")
+    load_eps_table(args.eps_table)
+
+
 def get_args(argv=None):
-    return make_parser().parse_args(argv)
+    return parse_args(make_parser(), argv, check_args)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The bandit (Sec. 4.2-4.3, Alg. 1) and the baselines, behind one interface: probs / sample / update / state_dict
 # ----------------------------------------------------------------------------------------------------------------
 
-LOSS_FLOOR = 1e-8     # losses are clamped below before log() (spec cas.md, Observations)
-EXP_CLAMP = 50.0      # alpha * R is clamped to [-50, 50] before exp() so Eq. (9) never overflows
+LOSS_FLOOR = 1e-8     # losses are clamped below before log() (README D1)
+EXP_CLAMP = 50.0      # alpha * R is clamped to [-50, 50] before exp() (README D5)
 
 
 def slope(values):
@@ -107,27 +113,22 @@ def slope(values):
     n = len(values)
     if n < 2:
         return 0.0
-    j_mean = (n - 1) / 2
-    v_mean = sum(values) / n
-    num = sum((j - j_mean) * (v - v_mean) for j, v in enumerate(values))
-    den = sum((j - j_mean) ** 2 for j in range(n))
-    return num / den
+    j_mean, v_mean = (n - 1) / 2, sum(values) / n
+    return (sum((j - j_mean) * (v - v_mean) for j, v in enumerate(values))
+            / sum((j - j_mean) ** 2 for j in range(n)))
 
 
 class _Sampler:
-    """Common parts: validated weights and a seeded generator (Python's random.Random, plain-type state)."""
+    """Validated weights, pull counts and a seeded generator (random.Random: plain-type state, own stream)."""
 
     def __init__(self, weights, seed=0):
         self.w = [float(w) for w in weights]
         if not self.w or any(not (w > 0 and math.isfinite(w)) for w in self.w):
             raise ValueError(f"weights must be a non-empty sequence of positive floats, got {list(weights)!r}")
-        self.M = len(self.w)
-        self.rng = random.Random(seed)
-        self.pulls = [0] * self.M                             # real pulls per arm (logged)
+        self.M, self.rng, self.pulls = len(self.w), random.Random(seed), [0] * len(self.w)
 
     def sample(self) -> int:
-        """Draw an arm from pi (Alg. 1, line 9) with the sampler's own generator."""
-        return self.rng.choices(range(self.M), weights=self.probs())[0]
+        return self.rng.choices(range(self.M), weights=self.probs())[0]              # Alg. 1, line 9
 
     def update(self, arm, loss, correct=0, total=0):
         self.pulls[arm] += 1
@@ -136,19 +137,19 @@ class _Sampler:
         return [0.0] * self.M, [0.0] * self.M
 
     def state_dict(self):
-        return {"rng": _rng_to_list(self.rng.getstate()), "pulls": list(self.pulls)}
+        version, internal, gauss = self.rng.getstate()
+        return {"rng": [version, list(internal), gauss], "pulls": list(self.pulls)}
 
     def load_state_dict(self, d):
-        self.rng.setstate(_rng_from_list(d["rng"]))
+        version, internal, gauss = d["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
         self.pulls = list(d["pulls"])
 
 
 class CASSampler(_Sampler):
     """Calibrated Adversarial Sampling: UCB over R = R^self + R^tradeoff (Eqs. 5-7, 9, 10; Alg. 1).
 
-    Observations: update(arm, loss) with the mean adversarial CE of the pulled arm, measured before the SGD step.
-    R^self uses the arm's OWN last W pulls (not global iterations, spec cas.md); R^tradeoff uses, for every other
-    arm k, the pulls n_{v,k} of each arm v strictly between k's two most recent pulls (Alg. 1, line 14).
+    update(arm, loss): the pulled arm's mean adversarial CE on its batch, measured before the SGD step.
     """
 
     def __init__(self, weights, alpha=10.0, window=10, tradeoff=True, ucb=True, seed=0):
@@ -156,53 +157,55 @@ class CASSampler(_Sampler):
         if window < 2:
             raise ValueError(f"window must be >= 2 to fit a slope (Eq. 6), got {window!r}")
         self.alpha, self.window, self.tradeoff, self.ucb = float(alpha), int(window), bool(tradeoff), bool(ucb)
-        self.N = [1] * self.M                                 # Sec. 4.3: N_v initialised to 1 (Alg. 1 says 0: 1/0)
-        self.logL = [deque(maxlen=self.window) for _ in range(self.M)]   # log L of the arm's own last W pulls
-        self.since = [[0] * self.M for _ in range(self.M)]    # since[k][j]: pulls of j since k's last pull
+        # DEVIATION: N_v starts at 1 (Sec. 4.3), not 0 (Alg. 1, line 1), which would divide by zero in Eq. (9)
+        self.N = [1] * self.M
+        # DEVIATION: Eq. (6)'s slope runs over the arm's OWN last W pulls, indexed j = 0..n-1, not over the global
+        # iterations t-W+1..t of Alg. 1, line 4 (with 21 arms a global window rarely holds two pulls); README D2
+        self.logL = [deque(maxlen=self.window) for _ in range(self.M)]
+        self.since = [[0] * self.M for _ in range(self.M)]    # since[k][j]: pulls of j since k's latest pull
         self.between = [[0] * self.M for _ in range(self.M)]  # between[k][j] = n_{j,k} of Eq. (7)
-        self.last_two = [[0.0, 0.0] for _ in range(self.M)]   # log L_k at t_prev, t_curr
+        self.last_two = [[0.0, 0.0] for _ in range(self.M)]   # log L_k at t_prev and t_curr
 
     def update(self, arm, loss, correct=0, total=0):
         """Record the pulled arm's loss and the cross-type records (Alg. 1, lines 10 and 14)."""
         log_l = math.log(max(float(loss), LOSS_FLOOR))
-        self.between[arm] = self.since[arm]                   # n_{j,arm}: pulls between its two latest pulls
-        self.since[arm] = [0] * self.M
+        # DEVIATION: n_{j,k} counts the pulls of j strictly between k's two latest pulls, so n_{k,k} = 0 (the paper
+        # leaves the interval's ends open); README D4
+        self.between[arm], self.since[arm] = self.since[arm], [0] * self.M
         for k in range(self.M):
             if k != arm:
                 self.since[k][arm] += 1
         self.last_two[arm] = [self.last_two[arm][1], log_l]
         self.logL[arm].append(log_l)
-        self.N[arm] += 1                                      # Alg. 1, line 10
+        self.N[arm] += 1                                                                # Alg. 1, line 10
         super().update(arm, loss)
 
     def rewards(self):
         """R^self (Eq. 6) and R^tradeoff (Eq. 7) per arm."""
-        r_self = [-self.w[v] * slope(list(self.logL[v])) for v in range(self.M)]   # Eq. (6)
+        r_self = [-self.w[v] * slope(list(self.logL[v])) for v in range(self.M)]      # Eq. (6)
         r_trade = [0.0] * self.M
-        if self.tradeoff:
-            for k in range(self.M):
-                total = sum(self.between[k])
-                if self.pulls[k] < 2 or total == 0:           # k contributes 0 (spec: edge cases)
-                    continue
-                log_ratio = self.last_two[k][0] - self.last_two[k][1]   # log(L_k^(t_prev) / L_k^(t_curr))
-                for v in range(self.M):
-                    if v != k and self.between[k][v]:
-                        r_trade[v] += self.w[k] * self.between[k][v] / total * log_ratio   # Eq. (7)
+        for k in range(self.M) if self.tradeoff else ():
+            total = sum(self.between[k])
+            if self.pulls[k] < 2 or total == 0:     # no two pulls of k, or nothing in between: k contributes 0
+                continue
+            log_ratio = self.last_two[k][0] - self.last_two[k][1]                      # log(L_k^prev / L_k^curr)
+            for v in range(self.M):
+                if v != k and self.between[k][v]:
+                    r_trade[v] += self.w[k] * self.between[k][v] / total * log_ratio    # Eq. (7)
         return r_self, r_trade
 
     def probs(self):
         """pi of Eq. (10) from the scores of Eq. (9)."""
         r_self, r_trade = self.rewards()
-        log_total = math.log(sum(self.N))
-        scores = []
+        log_total, scores = math.log(sum(self.N)), []
         for v in range(self.M):
             r = r_self[v] + r_trade[v]                                                  # Eq. (5)
+            # DEVIATION: alpha * R is clamped to [-50, 50] so exp() never overflows (README D5)
             s = math.exp(min(max(self.alpha * r, -EXP_CLAMP), EXP_CLAMP))              # Eq. (9), exploitation
             if self.ucb:
                 s += math.sqrt(2.0 * log_total / self.N[v])                             # Eq. (9), exploration
             scores.append(s * self.w[v])
-        z = sum(scores)
-        return [s / z for s in scores]                                                  # Eq. (10)
+        return [s / sum(scores) for s in scores]                                        # Eq. (10)
 
     def state_dict(self):
         return {**super().state_dict(), "N": list(self.N), "logL": [list(q) for q in self.logL],
@@ -211,10 +214,8 @@ class CASSampler(_Sampler):
 
     def load_state_dict(self, d):
         super().load_state_dict(d)
-        self.N = list(d["N"])
-        self.logL = [deque(q, maxlen=self.window) for q in d["logL"]]
-        self.since = [list(r) for r in d["since"]]
-        self.between = [list(r) for r in d["between"]]
+        self.N, self.logL = list(d["N"]), [deque(q, maxlen=self.window) for q in d["logL"]]
+        self.since, self.between = [list(r) for r in d["since"]], [list(r) for r in d["between"]]
         self.last_two = [list(r) for r in d["last_two"]]
 
 
@@ -222,14 +223,13 @@ class SATSampler(_Sampler):
     """SAT (Madaan et al. 2021): a fixed pi_v proportional to w_v (uniform when all weights are 1)."""
 
     def probs(self):
-        z = sum(self.w)
-        return [w / z for w in self.w]
+        return [w / sum(self.w) for w in self.w]
 
 
 class EATSampler(_Sampler):
     """E-AT (Croce & Hein 2022): pi_v ~ (1 - r_v) w_v, r_v = cumulative robust accuracy of arm v's training attack.
 
-    Until every arm has been pulled once, r_v = 0.5 for all (so pi ~ w), as in E-AT's train.py.
+    r_v = 0.5 for all (pi ~ w) until every arm was pulled once, as in https://github.com/fra31/robust-finetuning.
     """
 
     def __init__(self, weights, seed=0):
@@ -242,14 +242,9 @@ class EATSampler(_Sampler):
         super().update(arm, loss)
 
     def probs(self):
-        if all(self.seen):
-            q = [(1 - c / s) * w for c, s, w in zip(self.correct, self.seen, self.w)]
-        else:
-            q = [0.5 * w for w in self.w]
-        if sum(q) <= 0:                        # every arm fully robust so far: fall back to pi ~ w
-            q = list(self.w)
-        z = sum(q)
-        return [v / z for v in q]
+        q = [(1 - c / s) * w for c, s, w in zip(self.correct, self.seen, self.w)] if all(self.seen) else self.w
+        q = q if sum(q) > 0 else self.w             # every arm fully robust so far: pi ~ w
+        return [v / sum(q) for v in q]
 
     def state_dict(self):
         return {**super().state_dict(), "correct": list(self.correct), "seen": list(self.seen)}
@@ -260,22 +255,16 @@ class EATSampler(_Sampler):
 
 
 class OrderSampler(_Sampler):
-    """Order: a fixed cycle in which arm v appears w_v times, repeated (weights rounded to integers >= 1).
-
-    The cycle is interleaved: pass r visits, in arm order, every arm with w_v > r (e.g. weights 6,6,6,1,... give
-    one pass over all arms followed by five passes over the three heavy arms).
-    """
+    """Order: a fixed interleaved cycle in which arm v appears round(w_v) >= 1 times: pass r visits, in arm order,
+    every arm with w_v > r (weights 6,6,6,1,...: one pass over all arms, then five over the three heavy ones)."""
 
     def __init__(self, weights, seed=0):
         super().__init__(weights, seed)
         reps = [max(1, round(w)) for w in self.w]
-        self.cycle = [v for r in range(max(reps)) for v in range(self.M) if reps[v] > r]
-        self.pos = 0
+        self.cycle, self.pos = [v for r in range(max(reps)) for v in range(self.M) if reps[v] > r], 0
 
     def probs(self):
-        p = [0.0] * self.M
-        p[self.cycle[self.pos % len(self.cycle)]] = 1.0
-        return p
+        return [float(v == self.sample()) for v in range(self.M)]
 
     def sample(self):
         return self.cycle[self.pos % len(self.cycle)]
@@ -292,504 +281,326 @@ class OrderSampler(_Sampler):
         self.pos = int(d["pos"])
 
 
-def _rng_to_list(state):
-    version, internal, gauss = state
-    return [version, list(internal), gauss]
-
-
-def _rng_from_list(state):
-    version, internal, gauss = state
-    return (version, tuple(internal), gauss)
-
-
-def make_sampler(args, weights):
-    if args.sampler == "cas":
-        return CASSampler(weights, alpha=args.alpha, window=args.window, tradeoff=args.tradeoff, ucb=args.ucb,
-                          seed=args.seed)
-    if args.sampler == "sat":
-        return SATSampler(weights, seed=args.seed)
-    if args.sampler == "eat":
-        return EATSampler(weights, seed=args.seed)
-    if args.sampler == "order":
-        return OrderSampler(weights, seed=args.seed)
-    return None   # avg: every arm on every batch
+def make_sampler(kind, weights, args):
+    """The sampler of --sampler (AVG: None, every arm on every batch)."""
+    if kind == "cas":
+        return CASSampler(weights, args.alpha, args.window, args.tradeoff, args.ucb, seed=args.seed)
+    return {"sat": SATSampler, "eat": EATSampler, "order": OrderSampler}[kind](weights, seed=args.seed) \
+        if kind != "avg" else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Arms: which attack, at which budget and strength
+# One training iteration (Alg. 1, lines 9-14)
 # ----------------------------------------------------------------------------------------------------------------
 
-def attack_kwargs(name, eps, steps, for_eval=False):
-    """Keyword arguments of attack `name` at budget eps and (at most) `steps` steps.
+def train_step(model, optimizer, x, y, arms, weights, sampler, beta, amp):
+    """One iteration of Alg. 1 (or of AVG when sampler is None); returns host-side stats after ONE host sync."""
+    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp)
+    names = list(arms)
+    picked = list(range(len(names))) if sampler is None else [sampler.sample()]     # Alg. 1, line 9
+    model.eval()   # attacks are generated in eval mode (BN running stats frozen); README D3
+    x_adv = [arms[names[v]](model, x, y) for v in picked]   # Alg. 1, line 11 (AVG: every arm, all before training)
+    eat_correct = torch.zeros((), device=x.device)
+    if isinstance(sampler, EATSampler):
+        # DEVIATION: E-AT counts a point robust if it is correct at EVERY attack iterate; our attacks return only the
+        # final iterate, so it is counted there -- in eval mode and fp32 as E-AT does; one extra forward (README D9)
+        with torch.no_grad():
+            eat_correct = (model(x_adv[0]).argmax(1) == y).sum()
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    wsum, ce, clean = sum(weights[v] for v in picked), [], torch.zeros((), device=x.device)
+    for v, xa in zip(picked, x_adv):
+        with autocast:
+            ce.append(F.cross_entropy(model(xa), y))                                    # CE(f(x_adv), y)
+            if len(picked) == 1 and beta < 1:
+                clean = F.cross_entropy(model(x), y)
+                loss = beta * ce[-1] + (1 - beta) * clean                               # Eq. (8), Alg. 1, line 12
+            else:   # beta = 1, or AVG: gradients accumulated arm by arm (the memory of one attack at a time)
+                loss = beta * weights[v] / wsum * ce[-1]
+        loss.backward()
+    if len(picked) > 1 and beta < 1:   # AVG: sum_v w_v Eq.(8)_v / sum_v w_v; its clean term is computed once
+        with autocast:
+            clean = F.cross_entropy(model(x), y)
+        ((1 - beta) * clean).backward()
+    optimizer.step()                                                                    # Alg. 1, line 13
+    stats = torch.stack([c.detach().float() for c in ce] + [clean.detach().float(), eat_correct.float()]).tolist()
+    *ce_v, clean_v, correct = stats                                                     # the one host sync above
+    if sampler is not None:
+        sampler.update(picked[0], ce_v[0], correct=int(correct), total=len(y))          # Alg. 1, lines 10 and 14
+    loss_adv = sum(weights[v] * c for v, c in zip(picked, ce_v)) / wsum
+    return {"arm": picked[0] if sampler is not None else -1, "loss_adv": loss_adv,
+            "loss": beta * loss_adv + (1 - beta) * clean_v}
 
-    Training-time rule (spec cas.md, README "training-time attack strength"): l_p arms run `steps` steps with step
-    size 2.5 eps / steps (the attacks' own default; APGD-l1 its sparse step); every other arm runs
-    min(steps, its default steps), with its step size scaled so that steps x step size (the distance the latent can
-    travel) equals its default. Evaluation (for_eval): l_p arms run `steps` steps (l1 with AutoAttack's evaluation
-    sparsity 0.2), ppgd 40 iterations, every other arm its full default strength.
-    """
-    params = inspect.signature(ATTACKS[name]).parameters
-    kw = {"eps": eps}
-    if name in LP:
-        kw["steps"] = steps
-        if name == "l1" and for_eval:
-            kw["sparsity"] = 0.2
-        return kw
-    if for_eval:
-        if name == "ppgd":
-            kw["steps"] = 40   # the evaluation setting of PPGD (Laidlaw et al.; 10 is its cheaper training default)
-        return kw
-    default_steps = params["steps"].default
-    kw["steps"] = min(steps, default_steps)
-    if "step_size" in params and isinstance(params["step_size"].default, (int, float)) and kw["steps"] > 0:
-        kw["step_size"] = params["step_size"].default * default_steps / kw["steps"]
-    return kw
 
+# ----------------------------------------------------------------------------------------------------------------
+# Arms and their budgets: attack strength comes from attacks.attack_settings (README D8), budgets from Eq. (11)
+# ----------------------------------------------------------------------------------------------------------------
 
-def default_eps(name, dataset, eps_table=None):
-    """The budget of arm `name`: an --eps-table entry, the dataset's l_p budget (Sec. 5.1) or the attack's default."""
-    if eps_table and name in eps_table:
-        return eps_table[name]
-    table = DEFAULT_EPS.get(dataset, DEFAULT_EPS["cifar10"])
-    return table.get(name, inspect.signature(ATTACKS[name]).parameters["eps"].default)
-
-
-def make_arms(names, dataset, steps, for_eval=False, eps_table=None):
-    """{name: attack(model, x, y) -> x_adv} closures at the given strength."""
-    arms = {}
-    for name in names:
-        kw = attack_kwargs(name, default_eps(name, dataset, eps_table), steps, for_eval)
-        arms[name] = (lambda fn, kw: (lambda model, x, y: fn(model, x, y, **kw)))(ATTACKS[name], kw)
-    return arms
+def make_arms(names, mode, dataset, steps, eps_table):
+    """{name: fn(model, x, y) -> x_adv} at training or evaluation strength, eps from the table where it has one."""
+    return {n: partial(ATTACKS[n], **attack_settings(n, mode, dataset=dataset, eps=eps_table.get(n), steps=steps))
+            for n in names}
 
 
 def load_eps_table(path):
-    """--eps-table: JSON {attack: eps} with registered names and finite eps >= 0 (the format eval.py reads too)."""
+    """--eps-table: JSON {attack: eps}, registered names, finite eps >= 0 (eval.py reads the same file)."""
     if not path:
         return {}
-    table = json.loads(Path(path).read_text())
+    try:
+        table = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--eps-table {path}: cannot read a JSON object ({e})")
     if not isinstance(table, dict):
         raise ValueError(f"--eps-table {path}: expected a JSON object {{attack: eps}}, got {type(table).__name__}")
     attacks.registered(list(table))
-    bad = {k: v for k, v in table.items() if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0}
+    bad = {k: v for k, v in table.items() if not isinstance(v, (int, float)) or not 0 <= v < math.inf}
     if bad:
         raise ValueError(f"--eps-table {path}: eps must be finite numbers >= 0, got {bad}")
     return {k: float(v) for k, v in table.items()}
 
 
-def calibrate(model, x_u8, y, names, dataset, eps_table, args):
-    """Eq. (11): eps_k <- (lambda_k + acc_adv[k]) * eps_k until acc_adv[k] lies in [lo, hi] (Sec. 5.1).
+def calibrate(model, x_u8, y, names, args, eps_table):
+    """Eq. (11): eps_k = (lambda + acc_adv[k]) * eps, eps the ORIGINAL margin, repeated until acc_adv[k] is in range.
 
-    Only the semantic arms are calibrated (the l_p budgets and PPGD's bound are the paper's fixed values). acc_adv is
-    measured at full (evaluation) strength on the given images; at most --calib-rounds updates per attack.
-    Returns the new table and a per-attack report {eps, acc, rounds, in_range, history}.
+    acc_adv[k] is measured at the current eps_k, at full evaluation strength; only semantic arms are calibrated (the
+    l_p budgets and PPGD's bound are the paper's). Returns the new table and {attack: {eps, acc, rounds, history}}.
     """
     lo, hi = args.calib_range
     table, report = dict(eps_table), {}
     for name in [n for n in names if n in attacks.SEMANTIC]:
-        eps, history = default_eps(name, dataset, table), []
+        eps0 = attack_settings(name, dataset=args.dataset, eps=table.get(name))["eps"]   # the original margin
+        eps, history = eps0, []
         for r in range(args.calib_rounds + 1):
-            arm = make_arms([name], dataset, args.eval_attack_steps, for_eval=True, eps_table={name: eps})
+            arm = make_arms([name], "eval", args.dataset, None, {name: eps})
             acc = evaluate(model, x_u8, y, arm, args.batch_size, args.seed)["attacks"][name]
             history.append([eps, acc])
             if lo <= acc <= hi or r == args.calib_rounds:
                 break
-            eps = (args.calib_lambda + acc) * eps                     # Eq. (11)
+            # DEVIATION: one lambda for every attack (the paper's lambda_k is per attack and not given); README D11
+            eps = (args.calib_lambda + acc) * eps0                                      # Eq. (11)
         table[name] = eps
         report[name] = {"eps": eps, "acc": acc, "rounds": len(history) - 1, "in_range": lo <= acc <= hi,
                         "history": history}
-        print(f"calibrate {name:13s} eps {history[0][0]:.4g} -> {eps:.4g} | robust acc {acc:.3f} "
+        print(f"calibrate {name:13s} eps {eps0:.4g} -> {eps:.4g} | robust acc {acc:.3f} "
               f"({'in' if lo <= acc <= hi else 'OUT OF'} range [{lo}, {hi}]) after {len(history) - 1} update(s)",
               flush=True)
     return table, report
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# One training iteration
+# Stages: l_p pre-training is SAT with one l_p arm, beta = 1 and a piecewise schedule, run by the same loop (D10)
 # ----------------------------------------------------------------------------------------------------------------
 
-def hybrid_loss(model, x_adv, x, y, beta):
-    """Eq. (8): beta * CE(f(x_adv), y) + (1 - beta) * CE(f(x), y); also returns the adversarial logits."""
-    logits_adv = model(x_adv)
-    loss_adv = F.cross_entropy(logits_adv, y)
-    if beta < 1:
-        loss = beta * loss_adv + (1 - beta) * F.cross_entropy(model(x), y)
-    else:
-        loss = loss_adv
-    return loss, loss_adv, logits_adv
+class Stage(NamedTuple):
+    name: str
+    attacks: list
+    weights: list
+    sampler: str
+    beta: float
+    schedule: str
+    epochs: int
 
 
-def train_step(model, optimizer, x, y, arms, names, sampler, weights, beta, amp):
-    """One iteration of Alg. 1 (lines 9-14), or of AVG when sampler is None. Returns host-side stats.
-
-    Exactly one host sync (the .tolist() of the loss and accuracy stats), as the spec requires.
-    """
-    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp)
-    optimizer.zero_grad(set_to_none=True)
-    if sampler is None:
-        # AVG: sum_v w_v L_total(v) / sum_v w_v = beta * sum_v w_v CE_v / sum_v w_v + (1 - beta) * CE(f(x), y);
-        # gradients are accumulated arm by arm (memory of one attack at a time), the clean term computed once
-        stats, wsum = [], sum(weights)
-        for name, w in zip(names, weights):
-            model.eval()   # attacks are generated in eval mode (BN running stats frozen); README "Implementation details" #3
-            x_adv = arms[name](model, x, y)
-            model.train()
-            with autocast:
-                logits_adv = model(x_adv)
-                loss_adv = F.cross_entropy(logits_adv, y)
-            (beta * w / wsum * loss_adv).backward()
-            stats.append(torch.stack([loss_adv.detach().float(), (logits_adv.argmax(1) == y).sum().float()]))
-        loss_clean = torch.zeros((), device=x.device)
-        if beta < 1:
-            with autocast:
-                loss_clean = F.cross_entropy(model(x), y)
-            ((1 - beta) * loss_clean).backward()
-        optimizer.step()
-        s = torch.cat([torch.stack(stats).flatten(), loss_clean.detach().float().view(1)]).tolist()
-        l_adv, correct = s[0:-1:2], s[1:-1:2]
-        loss = beta * sum(l * w for l, w in zip(l_adv, weights)) / wsum + (1 - beta) * s[-1]
-        return {"arm": -1, "loss": loss, "loss_adv": sum(l_adv) / len(l_adv), "correct_adv": sum(correct) / len(correct)}
-
-    arm = sampler.sample()                                   # Alg. 1, line 9
-    model.eval()   # attacks are generated in eval mode (BN running stats frozen); README "Implementation details" #3
-    x_adv = arms[names[arm]](model, x, y)                    # Alg. 1, line 11
-    model.train()
-    with autocast:
-        loss, loss_adv, logits_adv = hybrid_loss(model, x_adv, x, y, beta)   # Alg. 1, line 12
-    loss.backward()
-    optimizer.step()                                         # Alg. 1, line 13
-    loss_v, loss_adv_v, correct = torch.stack(
-        [loss.detach().float(), loss_adv.detach().float(), (logits_adv.argmax(1) == y).sum().float()]).tolist()
-    sampler.update(arm, loss_adv_v, correct=int(correct), total=len(y))   # Alg. 1, line 14 (and N, line 10)
-    return {"arm": arm, "loss": loss_v, "loss_adv": loss_adv_v, "correct_adv": correct}
+def plan(args):
+    """[l_p pre-training (only without --init-ckpt)] then the fine-tuning of Alg. 1 with --sampler."""
+    names = attacks.registered(args.attacks) if args.attacks else list(attacks.ALL)
+    stages = [Stage("finetune", names, scenario_weights(names, scenario(args)), args.sampler, args.beta,
+                    args.schedule, args.epochs)]
+    if not args.init_ckpt and args.pretrain_epochs:   # Sec. 5.1: l_inf PGD-AT for CIFAR-10, l_2 for CIFAR-100 / SVHN
+        arm = "linf" if args.dataset in ("cifar10", "fake") else "l2"
+        stages.insert(0, Stage("pretrain", [arm], [1.0], "sat", 1.0, "piecewise", args.pretrain_epochs))
+    return stages
 
 
-def pretrain_step(model, optimizer, x, y, attack, amp):
-    """Madry PGD-AT step (the l_p pre-training of Sec. 5.1): CE on the PGD example."""
-    model.eval()   # attacks are generated in eval mode (BN running stats frozen); README "Implementation details" #3
-    x_adv = attack(model, x, y)
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-        logits = model(x_adv)
-        loss = F.cross_entropy(logits, y)
-    loss.backward()
-    optimizer.step()
-    loss_v, correct = torch.stack([loss.detach().float(), (logits.argmax(1) == y).sum().float()]).tolist()
-    return {"arm": -1, "loss": loss_v, "loss_adv": loss_v, "correct_adv": correct}
+def scenario(args):
+    return args.scenario if args.scenario != "auto" else ("svhn" if args.dataset == "svhn" else "cifar")
 
 
 def make_schedule(optimizer, kind, total_steps):
-    """Per-iteration lr schedule: cosine to 0, or piecewise (x0.1 at 50% and 75% of the steps, Rice et al.)."""
+    """Per-iteration lr: cosine to 0 (D7), or piecewise x0.1 at 50% and 75% of the steps (Rice et al. 2020)."""
     total = max(total_steps, 1)
-    if kind == "cosine":
-        fn = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
-    else:
-        fn = lambda s: 1.0 if s < 0.5 * total else (0.1 if s < 0.75 * total else 0.01)
+    fn = (lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))) if kind == "cosine" else \
+        (lambda s: 1.0 if s < 0.5 * total else (0.1 if s < 0.75 * total else 0.01))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# main: setup -> data -> model -> [pre-training phase] -> fine-tuning phase -> results
+# main: resume -> seed, device, run dir -> data, model -> per stage: optimizer, schedule, sampler -> epochs -> results
 # ----------------------------------------------------------------------------------------------------------------
 
 def main(args):
-    resume = load_resume(args)                                # --resume continues with the checkpoint's args
-    if resume is not None:
-        # the run's own settings come from the checkpoint; where to run and the testing aid from this command line
+    resume = load_resume(args.resume) if args.resume else None
+    if resume is not None:   # the run's settings from its checkpoint; where to run (and the testing aid) from here
         args = argparse.Namespace(**{**resume["args"], "resume": args.resume, "device": args.device,
                                      "interrupt_at_step": args.interrupt_at_step})
-    check_args(args)
     seed_everything(args.seed, args.deterministic)
     device = pick_device(args.device)
+    stages = plan(args)
     out_dir = make_run_dir(args, SCRIPT, resuming=resume is not None)
     print(f"run directory: {out_dir}", flush=True)
-    names = attacks.registered(args.attacks) if args.attacks else [n for n in attacks.ALL if n in ATTACKS]
-    scenario = args.scenario if args.scenario != "auto" else ("svhn" if args.dataset == "svhn" else "cifar")
-    weights = scenario_weights(names, scenario)
     if resume is None:
-        write_json(out_dir / "args.json", {**vars(args), "derived": {"attacks": names, "weights": weights,
-                                                                     "scenario": scenario}, **run_info(device)})
-
+        write_json(out_dir / "args.json", {**vars(args), "stages": [s._asdict() for s in stages], **run_info(device)})
     data = make_datasets(args, device)
     model = build_model(data["num_classes"], data["mean"], data["std"], args.width, args.activation).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    if args.init_ckpt:
-        load_weights(model, args.init_ckpt)
+    model = model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
     test_x, test_y = data["test_x"][: args.eval_examples], data["test_y"][: args.eval_examples]
-    eps_table = load_eps_table(args.eps_table)
     steps_per_epoch = math.ceil(len(data["train_y"]) / args.batch_size)
-    phases = ([("pretrain", args.pretrain_epochs)] if not args.init_ckpt and args.pretrain_epochs > 0 else []) + \
-        [("finetune", args.epochs)]
     data_gen = torch.Generator().manual_seed(args.seed)       # shuffling + augmentation, independent of the model
-
-    state = {"phase": 0, "epoch": 0, "step": 0, "results": {}, "time_s": 0.0, "eps_table": eps_table}
-    if resume is not None:
+    state = {"stage": 0, "epoch": 0, "step": 0, "results": {}, "train_s": {}, "wall_s": 0.0,
+             "eps_table": load_eps_table(args.eps_table)}
+    if resume is not None:   # D12: the run directory alone resumes the run (--init-ckpt is not read again)
         model.load_state_dict(resume["model"])
         state = {k: resume[k] for k in state}
         restore_rng(resume["rng"], data_gen)
-        truncate_log(out_dir / "log.jsonl", state["step"])    # drop lines written after the checkpoint
-    t_start = time.time() - state["time_s"]
+        truncate_log(out_dir / "log.jsonl", state["step"])
+    elif args.init_ckpt:
+        load_weights(model, args.init_ckpt)
+    t_start = time.time() - state["wall_s"]
 
-    for p_idx in range(state["phase"], len(phases)):
-        phase, n_epochs = phases[p_idx]
-        total_steps = n_epochs * steps_per_epoch
+    for s_idx in range(state["stage"], len(stages)):
+        st = stages[s_idx]
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                     weight_decay=args.weight_decay)
-        if phase == "pretrain":   # Madry PGD-AT: l_inf for CIFAR-10, l_2 for CIFAR-100 / SVHN (Sec. 5.1)
-            pre_attack = "linf" if args.dataset in ("cifar10", "fake") else "l2"
-            train_arms, train_names, sampler = make_arms([pre_attack], args.dataset, args.attack_steps), [pre_attack], None
-            scheduler = make_schedule(optimizer, "piecewise", total_steps)
-        else:
-            if args.calibrate and not (resume is not None and p_idx == resume["phase"]):
-                calib_x = data["train_x"][: args.calib_examples]
-                state["eps_table"], report = calibrate(model, calib_x, data["train_y"][: args.calib_examples], names,
-                                                       args.dataset, state["eps_table"], args)
-                write_json(out_dir / "eps_table.json", state["eps_table"])
-                write_json(out_dir / "calibration.json", report)
-            eps_table = state["eps_table"]
-            train_arms, train_names = make_arms(names, args.dataset, args.attack_steps, eps_table=eps_table), names
-            sampler = make_sampler(args, weights)
-            scheduler = make_schedule(optimizer, args.schedule, total_steps)
-        first_epoch = 0
-        if resume is not None and p_idx == resume["phase"]:
+        scheduler = make_schedule(optimizer, st.schedule, st.epochs * steps_per_epoch)
+        sampler = make_sampler(st.sampler, st.weights, args)
+        if resume is not None and s_idx == resume["stage"]:
             optimizer.load_state_dict(resume["optimizer"])
             scheduler.load_state_dict(resume["scheduler"])
-            if sampler is not None:
-                sampler.load_state_dict(resume["sampler"])
-            first_epoch = resume["epoch"]
-        elif phase == "finetune":   # epoch 0 = the starting model, so results hold "before" and "after"
-            eval_arms = make_arms(names, args.dataset, args.eval_attack_steps, for_eval=True, eps_table=eps_table)
-            state["results"]["initial"] = evaluate_and_log(model, test_x, test_y, eval_arms, names, weights, scenario,
-                                                           args, out_dir, {"phase": phase, "epoch": 0,
-                                                                           "step": state["step"]})
-            # the same starting model under the cheaper training-time attacks: does the training setting still attack?
-            res = evaluate(model, test_x, test_y, train_arms, args.batch_size, args.seed)
-            state["results"]["initial_train_strength"] = {"clean": res["clean"], "attacks": res["attacks"],
-                                                          **aggregate(res["attacks"], weights, names, scenario)}
-            print("starting model under the training-time attacks (--attack-steps "
-                  f"{args.attack_steps}): " + " ".join(f"{n} {a:.3f}" for n, a in res["attacks"].items()), flush=True)
-        phase_step = first_epoch * steps_per_epoch
-
-        for epoch in range(first_epoch, n_epochs):
-            t_epoch, window, epoch_stats = time.time(), [], []
-            for x, y in iterate_batches(data["train_x"], data["train_y"], args.batch_size, data_gen,
-                                        augment=data["augment"]):
-                if phase == "pretrain":
-                    s = pretrain_step(model, optimizer, x, y, train_arms[train_names[0]], args.amp)
-                else:
-                    s = train_step(model, optimizer, x, y, train_arms, train_names, sampler, weights, args.beta,
-                                   args.amp)
-                scheduler.step()
-                state["step"] += 1
-                phase_step += 1
-                s["n"] = len(y)
-                window.append(s)
-                epoch_stats.append(s)
-                if args.interrupt_at_step and state["step"] == args.interrupt_at_step:
-                    print(f"--interrupt-at-step {args.interrupt_at_step}: simulated crash", flush=True)
-                    sys.exit(3)
-                if sampler is not None and len(window) == args.log_every:
-                    append_jsonl(out_dir / "log.jsonl", bandit_log(window, sampler, names, state["step"], epoch))
-                    window = []
-                if args.max_steps and phase_step >= args.max_steps:
-                    break
-            record = {"phase": phase, "epoch": epoch + 1, "step": state["step"],
-                      "lr": optimizer.param_groups[0]["lr"], **epoch_summary(epoch_stats, names, phase),
-                      "time/epoch_s": time.time() - t_epoch}
-            if phase == "finetune" and sampler is not None:
-                record.update(bandit_log([], sampler, names, state["step"], epoch + 1))
-            last = epoch + 1 == n_epochs or (args.max_steps and phase_step >= args.max_steps)
+            sampler.load_state_dict(resume["sampler"]) if sampler is not None else None
+        elif st.name == "finetune":
+            if args.calibrate:                                # Eq. (11) on the starting model, training images
+                n = args.calib_examples
+                state["eps_table"], report = calibrate(model, data["train_x"][:n], data["train_y"][:n], st.attacks,
+                                                       args, state["eps_table"])
+                write_json(out_dir / "eps_table.json", state["eps_table"])
+                write_json(out_dir / "calibration.json", report)
+            if st.epochs:                                     # epoch 0 = the starting model: "before" of results.json
+                state["results"]["initial"] = evaluate_and_log(
+                    model, test_x, test_y, make_arms(st.attacks, "eval", args.dataset, args.eval_attack_steps or None,
+                                                     state["eps_table"]), st, args, out_dir,
+                    {"kind": "epoch", "phase": st.name, "epoch": 0, "step": state["step"]})
+        train_arms = make_arms(st.attacks, "train", args.dataset, args.attack_steps, state["eps_table"])
+        eval_arms = make_arms(st.attacks, "eval", args.dataset, args.eval_attack_steps or None, state["eps_table"])
+        for epoch in range(state["epoch"], st.epochs):
+            stats, stopped = train_epoch(model, optimizer, scheduler, sampler, train_arms, st, data, data_gen, args,
+                                         state, out_dir, epoch, steps_per_epoch)
+            state["train_s"][st.name] = state["train_s"].get(st.name, 0.0) + stats["time/train_s"]
+            last = epoch + 1 == st.epochs or stopped
+            record = {"kind": "epoch", "phase": st.name, "epoch": epoch + 1, "step": state["step"],
+                      "lr": optimizer.param_groups[0]["lr"], **stats, **bandit_state(sampler, st.attacks)}
             if (epoch + 1) % args.eval_every == 0 or last:
-                ev_names = names if phase == "finetune" else train_names
-                ev_arms = make_arms(ev_names, args.dataset, args.eval_attack_steps, for_eval=True,
-                                    eps_table=state["eps_table"])
-                res = evaluate_and_log(model, test_x, test_y, ev_arms, ev_names, scenario_weights(ev_names, scenario),
-                                       scenario, args, out_dir, record)
-                state["results"][f"{phase}_last"] = res
+                state["results"][st.name] = evaluate_and_log(model, test_x, test_y, eval_arms, st, args, out_dir, record)
             else:
-                append_jsonl(out_dir / "log.jsonl", record)
-            state.update(phase=p_idx, epoch=n_epochs if last else epoch + 1, time_s=time.time() - t_start)
+                log_epoch(out_dir, record)
+            state.update(epoch=st.epochs if last else epoch + 1, wall_s=time.time() - t_start)
             save_checkpoint(out_dir / "ckpt.pt", {
                 "format": 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict() if sampler else None,
-                "rng": capture_rng(data_gen), "args": vars(args), **state, **model_meta(args, data, names, weights)})
+                "rng": capture_rng(data_gen), "args": vars(args), **state, **model_meta(args, data, st)})
             if last:
                 break
-        if phase == "pretrain":   # a reusable l_p-robust starting point (--init-ckpt of later runs)
+        if st.name == "pretrain" and st.epochs:   # a reusable l_p-robust starting point (--init-ckpt of later runs)
             save_checkpoint(out_dir / "pretrain_model.pt", {"format": 1, "model": model.state_dict(),
-                                                            "args": vars(args), **model_meta(args, data, [pre_attack],
-                                                                                              [1.0])})
-        resume = None
-        state.update(phase=p_idx + 1, epoch=0)
+                                                            "args": vars(args), **model_meta(args, data, st)})
+        state.update(stage=s_idx + 1, epoch=0)
 
-    wall = time.time() - t_start
+    final = stages[-1]
     save_checkpoint(out_dir / "model.pt", {"format": 1, "model": model.state_dict(), "args": vars(args),
-                                           **model_meta(args, data, names, weights, state["eps_table"])})
-    results = {"initial": state["results"].get("initial"), "final": state["results"].get("finetune_last"),
-               "initial_train_strength": state["results"].get("initial_train_strength"),
-               "pretrain": state["results"].get("pretrain_last"), "steps": state["step"],
-               "time/total_s": wall, "attacks": names, "weights": weights, "sampler": args.sampler,
+                                           **model_meta(args, data, final, state["eps_table"])})
+    results = {"initial": state["results"].get("initial"), "final": state["results"].get("finetune"),
+               "pretrain": state["results"].get("pretrain"), "steps": state["step"],
+               "time/train_s": state["train_s"].get("finetune", 0.0),       # Table 2: fine-tuning time alone (D13)
+               "time/pretrain_s": state["train_s"].get("pretrain", 0.0), "time/total_s": time.time() - t_start,
+               "attacks": final.attacks, "weights": final.weights, "sampler": args.sampler,
                "eval_examples": len(test_y), "eps_table": state["eps_table"]}
     write_json(out_dir / "results.json", results)
-    print(f"done in {wall:.1f}s: {out_dir / 'results.json'}", flush=True)
+    print(f"done: fine-tuning {results['time/train_s']:.1f}s of training, {results['time/total_s']:.1f}s in all; "
+          f"{out_dir / 'results.json'}", flush=True)
     return results
 
 
-def tradeoff_matrix(args):
-    """Figs. 3/6: D[k][j] = acc_j(start fine-tuned on attack k alone) - acc_j(start), and the sum of D.
+def train_epoch(model, optimizer, scheduler, sampler, arms, stage, data, data_gen, args, state, out_dir, epoch,
+                steps_per_epoch):
+    """One pass over the shuffled, augmented training set (a bandit log line every --log-every iterations).
 
-    Every row is an ordinary single-arm run (rows/<k>/, resumable) from the same --init-ckpt with the same settings;
-    all attacks are evaluated at evaluation strength on the first --eval-examples test images, the start once.
-    tradeoff_matrix.json is rewritten after every row, so rerunning the command continues where it stopped.
-    """
-    if not args.init_ckpt:
-        raise ValueError("--tradeoff-matrix fine-tunes a pre-trained model: give it with --init-ckpt")
-    check_args(args)
-    device = pick_device(args.device)
-    names = attacks.registered(args.attacks) if args.attacks else [n for n in attacks.ALL if n in ATTACKS]
-    if not args.out_dir:
-        args.out_dir = str(Path("runs") / SCRIPT / f"tradeoff-{args.dataset}-s{args.seed}")
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "tradeoff_matrix.json"
-    mat = json.loads(path.read_text()) if path.exists() else {"attacks": names, "sequential": args.tradeoff_sequential,
-                                                              "start": None, "rows": {}}
-    mat.setdefault("sequential", False)
-    if mat["attacks"] != names or mat["sequential"] != args.tradeoff_sequential:
-        raise ValueError(f"{path} was made for --attacks {','.join(mat['attacks'])} (sequential "
-                         f"{mat['sequential']}), not {','.join(names)} (sequential {args.tradeoff_sequential}); "
-                         f"use another --out-dir")
-    seed_everything(args.seed, args.deterministic)
-    data = make_datasets(args, device)
-    model = build_model(data["num_classes"], data["mean"], data["std"], args.width, args.activation).to(device)
-    test_x, test_y = data["test_x"][: args.eval_examples], data["test_y"][: args.eval_examples]
-    eps_table = load_eps_table(args.eps_table)
-    eval_arms = make_arms(names, args.dataset, args.eval_attack_steps, for_eval=True, eps_table=eps_table)
-
-    def evaluate_all(weights_path):
-        load_weights(model, weights_path)
-        res = evaluate(model, test_x, test_y, eval_arms, args.batch_size, args.seed)
-        return {"clean": res["clean"], "attacks": res["attacks"]}
-
-    if mat["start"] is None:
-        mat["start"] = evaluate_all(args.init_ckpt)
-        write_json(path, mat)
-    for i, k in enumerate(names):
-        if k in mat["rows"]:
-            continue
-        # independent rows start from --init-ckpt; sequential rows from the previous row's model
-        chained = args.tradeoff_sequential and i > 0
-        start_ckpt = out_dir / "rows" / names[i - 1] / "model.pt" if chained else args.init_ckpt
-        before = mat["rows"][names[i - 1]] if chained else mat["start"]
-        row_dir = out_dir / "rows" / k
-        if not (row_dir / "model.pt").exists():
-            resume = str(row_dir) if (row_dir / "ckpt.pt").exists() else ""
-            row_args = argparse.Namespace(**{**vars(args), "attacks": k, "sampler": "sat", "calibrate": False,
-                                             "tradeoff_matrix": False, "init_ckpt": str(start_ckpt),
-                                             "out_dir": str(row_dir), "resume": resume})
-            main(row_args)
-        res = evaluate_all(row_dir / "model.pt")
-        res["delta"] = {j: res["attacks"][j] - before["attacks"][j] for j in names}
-        res["time/total_s"] = json.loads((row_dir / "results.json").read_text())["time/total_s"]
-        mat["rows"][k] = res
-        mat["sum"] = sum(sum(r["delta"].values()) for r in mat["rows"].values())
-        write_json(path, mat)
-        (out_dir / "tradeoff_matrix.md").write_text(tradeoff_markdown(mat, args))
-        print(f"trade-off row {k}: sum of accuracy changes {sum(res['delta'].values()):+.3f}", flush=True)
-    print(f"trade-off matrix ({len(mat['rows'])}/{len(names)} rows): sum {mat.get('sum', 0.0):+.3f} -> "
-          f"{out_dir / 'tradeoff_matrix.md'}", flush=True)
-    return mat
+    Returns the epoch's training stats (time/train_s: the training loop alone, no evaluation) and whether
+    --max-steps stopped the stage."""
+    t0, seen, window = time.time(), [], []
+    stage_step = epoch * steps_per_epoch
+    for x, y in iterate_batches(data["train_x"], data["train_y"], args.batch_size, data_gen, augment=data["augment"]):
+        s = train_step(model, optimizer, x, y, arms, stage.weights, sampler, stage.beta, args.amp)
+        scheduler.step()
+        state["step"], stage_step = state["step"] + 1, stage_step + 1
+        seen.append({**s, "n": len(y)})
+        window.append(s)
+        if args.interrupt_at_step and state["step"] == args.interrupt_at_step:
+            print(f"--interrupt-at-step {args.interrupt_at_step}: simulated crash", flush=True)
+            sys.exit(3)
+        if sampler is not None and len(window) == args.log_every:
+            append_jsonl(out_dir / "log.jsonl", {"kind": "bandit", "phase": stage.name, "epoch": epoch + 1,
+                                                 "step": state["step"], **bandit_state(sampler, stage.attacks),
+                                                 "train/loss": sum(w["loss"] for w in window) / len(window)})
+            window = []
+        if args.max_steps and stage_step >= args.max_steps:
+            break
+    n = sum(s["n"] for s in seen)
+    stats = {"train/loss": sum(s["loss"] * s["n"] for s in seen) / n,
+             "train/loss_adv": sum(s["loss_adv"] * s["n"] for s in seen) / n, "time/train_s": time.time() - t0}
+    if sampler is not None:
+        stats.update({f"train/pulls/{a}": sum(s["arm"] == v for s in seen) for v, a in enumerate(stage.attacks)})
+    return stats, bool(args.max_steps and stage_step >= args.max_steps)
 
 
-def tradeoff_markdown(mat, args):
-    """Rows: the attack fine-tuned on; columns: the attack evaluated; entries: accuracy change in points."""
-    names = mat["attacks"]
-    start = ("the previous row's model (sequential, the first row from " if mat["sequential"] else "") + \
-        f"`{args.init_ckpt}`" + (")" if mat["sequential"] else "")
-    lines = [f"Trade-off matrix (CAS Figs. 3/6): change of robust accuracy (percentage points) on the first "
-             f"{args.eval_examples} {args.dataset} test images after {args.epochs} epoch(s) of fine-tuning "
-             f"{start} on one attack (row) alone; columns: the attack evaluated.", "",
-             "| trained on \\ evaluated on | " + " | ".join(names) + " | row sum |",
-             "|---" * (len(names) + 2) + "|",
-             "| (start accuracy, %) | " + " | ".join(f"{100 * mat['start']['attacks'][j]:.1f}" for j in names) + " | |"]
-    for k in [n for n in names if n in mat["rows"]]:   # the JSON keeps keys sorted; the table keeps --attacks order
-        d = mat["rows"][k]["delta"]
-        lines.append(f"| {k} | " + " | ".join(f"{100 * d[j]:+.1f}" for j in names) + f" | {100 * sum(d.values()):+.1f} |")
-    lines += ["", f"Sum of the matrix: {100 * mat.get('sum', 0.0):+.1f} points over {len(mat['rows'])} of "
-                  f"{len(names)} rows."]
-    return "\n".join(lines) + "\n"
+# ----------------------------------------------------------------------------------------------------------------
+# Logging, checkpoints, resume. log.jsonl schema (README, "Logged metrics"): every line has kind ("epoch" | "bandit"),
+# phase ("pretrain" | "finetune"), epoch (1-based: the epoch the line belongs to; 0 = the starting model) and step.
+# ----------------------------------------------------------------------------------------------------------------
+
+def bandit_state(sampler, names):
+    """pi, cumulative pulls, R^self and R^tradeoff per arm (the sampling dynamics)."""
+    if sampler is None:
+        return {}
+    probs, (r_self, r_trade) = sampler.probs(), sampler.rewards()
+    return {k: v for i, n in enumerate(names) for k, v in ((f"cas/arm_prob/{n}", probs[i]),
+            (f"cas/pulls/{n}", sampler.pulls[i]), (f"cas/r_self/{n}", r_self[i]), (f"cas/r_tradeoff/{n}", r_trade[i]))}
 
 
-def check_args(args):
-    """Clear errors for bad flag values (argparse handles the choices)."""
-    if not 0.0 <= args.beta <= 1.0:
-        raise ValueError(f"--beta must lie in [0, 1] (Eq. 8), got {args.beta!r}")
-    for flag in ("batch_size", "eval_examples", "log_every", "eval_every"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)!r}")
-    if args.window < 2:
-        raise ValueError(f"--window must be >= 2 (a slope needs two points, Eq. 6), got {args.window!r}")
-    if args.attacks:
-        attacks.registered(args.attacks)
-
-
-def bandit_log(window, sampler, names, step, epoch):
-    """One log line per window: pi, N, R^self, R^tradeoff per arm (the sampling dynamics) and the window's loss."""
-    rec = {"kind": "bandit", "step": step, "epoch": epoch}
-    if window:
-        rec["train/loss"] = sum(s["loss"] for s in window) / len(window)
-    probs = sampler.probs()
-    r_self, r_trade = sampler.rewards()
-    for v, n in enumerate(names):
-        rec[f"cas/arm_prob/{n}"] = probs[v]
-        rec[f"cas/pulls/{n}"] = sampler.pulls[v]
-        rec[f"cas/r_self/{n}"] = r_self[v]
-        rec[f"cas/r_tradeoff/{n}"] = r_trade[v]
-    return rec
-
-
-def epoch_summary(stats, names, phase):
-    n = sum(s["n"] for s in stats)
-    rec = {"train/loss": sum(s["loss"] * s["n"] for s in stats) / max(n, 1),
-           "train/loss_adv": sum(s["loss_adv"] * s["n"] for s in stats) / max(n, 1),
-           "train/acc_adv": sum(s["correct_adv"] for s in stats) / max(n, 1)}
-    if phase == "finetune" and stats and stats[0]["arm"] >= 0:
-        for v, name in enumerate(names):
-            rec[f"train/pulls/{name}"] = sum(1 for s in stats if s["arm"] == v)
-    return rec
-
-
-def evaluate_and_log(model, x, y, arms, names, weights, scenario, args, out_dir, record):
-    """Per-epoch robust accuracy on the fixed test subset; one console line and one log.jsonl line."""
+def evaluate_and_log(model, x, y, arms, stage, args, out_dir, record):
+    """Robust accuracy on the fixed test subset, then one log.jsonl line and one console line."""
     t0 = time.time()
+    # DEVIATION: per-epoch robust accuracy uses PGD / the attacks themselves, not AutoAttack (Sec. 5.1); eval.py runs
+    # AutoAttack on the final model (README D8)
     res = evaluate(model, x, y, arms, args.batch_size, args.seed)
-    agg = aggregate(res["attacks"], weights, names, scenario)
-    record = {**record, "test/acc_clean": res["clean"], **{f"test/acc/{n}": a for n, a in res["attacks"].items()},
-              **{f"test/{k}": v for k, v in agg.items()}, "time/eval_s": time.time() - t0}
-    append_jsonl(out_dir / "log.jsonl", record)
-    per = " ".join(f"{n} {a:.3f}" for n, a in res["attacks"].items())
-    train = f"train loss {record['train/loss']:.3f} | " if "train/loss" in record else "starting model | "
-    print(f"{record['phase']} epoch {record['epoch']} | step {record['step']} | {train}test clean {res['clean']:.3f} "
-          f"{per} | avg robust {agg['avg_robust']:.3f} | {record.get('time/epoch_s', 0):.1f}s", flush=True)
+    agg = aggregate(res["attacks"], stage.weights, stage.attacks, scenario(args))
+    log_epoch(out_dir, {**record, "test/acc_clean": res["clean"], **{f"test/acc/{n}": a for n, a in
+                                                                        res["attacks"].items()},
+                        **{f"test/{k}": v for k, v in agg.items()}, "time/eval_s": time.time() - t0})
     return {"clean": res["clean"], "attacks": res["attacks"], **agg}
 
 
-def model_meta(args, data, names, weights, eps_table=None):
+def log_epoch(out_dir, rec):
+    append_jsonl(out_dir / "log.jsonl", rec)
+    train = f"train loss {rec['train/loss']:.3f} ({rec['time/train_s']:.1f}s) | " if "train/loss" in rec else \
+        "starting model | "
+    test = "" if "test/acc_clean" not in rec else (
+        f"test clean {rec['test/acc_clean']:.3f} " + " ".join(f"{k[9:]} {v:.3f}" for k, v in rec.items()
+                                                          if k.startswith("test/acc/"))
+        + f" | avg robust {rec['test/avg_robust']:.3f} ({rec['time/eval_s']:.1f}s)")
+    print(f"{rec['phase']} epoch {rec['epoch']} | step {rec['step']} | {train}{test}", flush=True)
+
+
+def model_meta(args, data, stage, eps_table=None):
     return {"arch": "preact_resnet18", "width": args.width, "activation": args.activation,
             "num_classes": data["num_classes"], "dataset": args.dataset, "mean": list(data["mean"]),
-            "std": list(data["std"]), "attacks": names, "weights": weights, "eps_table": dict(eps_table or {})}
+            "std": list(data["std"]), "attacks": stage.attacks, "weights": stage.weights,
+            "eps_table": dict(eps_table or {})}
 
 
-def load_resume(args):
-    if not args.resume:
-        return None
-    path = Path(args.resume)
-    path = path / "ckpt.pt" if path.is_dir() else path
+def load_resume(path):
+    path = Path(path) / "ckpt.pt" if Path(path).is_dir() else Path(path)
     ckpt = load_checkpoint(path)
-    if "optimizer" not in ckpt or "args" not in ckpt:
-        raise ValueError(f"--resume expects a ckpt.pt written by {SCRIPT}.py, got {path} (keys {sorted(ckpt)})")
+    if not isinstance(ckpt, dict) or "optimizer" not in ckpt or "stage" not in ckpt:
+        raise ValueError(f"--resume {path}: not a ckpt.pt written by {SCRIPT}.py")
     ckpt["args"]["out_dir"] = str(path.parent)
     return ckpt
 
@@ -809,13 +620,11 @@ def restore_rng(rng, data_gen):
 
 
 def truncate_log(path, step):
-    """On resume, keep only log lines up to the checkpoint's step (later ones are re-written identically)."""
-    if not path.exists():
-        return
-    lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(l + "\n" for l in lines))
-    os.replace(tmp, path)
+    """On resume, keep only the log lines up to the checkpoint's step (later ones are written again, identically)."""
+    if path.exists():
+        lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+        write_text(path, "".join(l + "\n" for l in lines))
+
 
 
 # ==== BEGIN SHARED: common-flags (canonical: cas.py; identical in caat_meta.py, caat_reinforce.py; tests/test_copies.py) ====
@@ -830,7 +639,7 @@ def fraction(s: str) -> float:
 def add_common_flags(parser):
     g = parser.add_argument_group("common")
     g.add_argument("--dataset", type=str, default="cifar10", choices=("cifar10", "cifar100", "svhn", "fake"),
-                   help="fake: seeded random 32x32 tensors for tests (no files needed)")
+                   help="fake: seeded synthetic 32x32 images for tests (no files needed)")
     g.add_argument("--data-dir", type=str, default="./data", help="where the dataset files are (or are downloaded to)")
     g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                    help="download missing dataset files (md5-checked archives)")
@@ -845,17 +654,17 @@ def add_common_flags(parser):
     g.add_argument("--seed", type=int, default=0, help="one seed drives everything")
     g.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False,
-                   help="deterministic cuDNN / algorithms (slower; CPU runs are deterministic anyway)")
+                   help="deterministic algorithms; on CUDA, ops without one warn and stay nondeterministic (README)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                    help="bf16 autocast for the training forward/backward (attacks stay fp32)")
     g.add_argument("--resume", type=str, default="", help="run directory or ckpt.pt of the SAME run to continue")
     g.add_argument("--init-ckpt", type=str, default="", help="weights to start from (model.pt or a plain state_dict)")
-    g.add_argument("--max-steps", type=int, default=0, help="stop each phase after N optimizer steps (0 = no limit)")
+    g.add_argument("--max-steps", type=int, default=0, help="stop each stage after N optimizer steps (0 = no limit)")
     g.add_argument("--interrupt-at-step", type=int, default=0,
                    help="testing aid: exit with status 3 right after optimizer step N, as if killed")
     g.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations on the test subset")
     g.add_argument("--eval-examples", type=int, default=1000, help="first N test images for per-epoch robust accuracy")
-    g.add_argument("--attacks", type=str, default="", help="comma list of attacks.ATTACKS names (default: all registered)")
+    g.add_argument("--attacks", type=str, default="", help="comma list of attacks.ATTACKS names (default: all 21)")
     g.add_argument("--attack-steps", type=int, default=10, help="inner steps of every training-time attack")
     g.add_argument("--width", type=int, default=64, help="base width of PreActResNet-18 (64 = the paper; tests use 8)")
     g.add_argument("--activation", type=str, default="relu", choices=("relu", "softplus"),
@@ -863,6 +672,41 @@ def add_common_flags(parser):
     g.add_argument("--input-norm", type=str, default="dataset", choices=("dataset", "none"),
                    help="mean/std inside the model: the dataset's, or none (E-AT's weights expect raw [0,1] input)")
     return parser
+
+
+def check_common_args(args):
+    """Values outside a common flag's meaning, unreadable files, a taken run directory: ValueError, before any work."""
+    if args.resume:
+        return                                   # a resumed run takes its settings from its checkpoint
+    for flag, low in (("batch_size", 1), ("epochs", 0), ("eval_every", 1), ("eval_examples", 1), ("width", 1),
+                      ("attack_steps", 1), ("max_steps", 0), ("train_subset", 0), ("test_subset", 0)):
+        if getattr(args, flag) < low:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= {low}")
+    if not (args.lr > 0 and 0 <= args.momentum < 1 and args.weight_decay >= 0):
+        raise ValueError(f"need --lr > 0, 0 <= --momentum < 1, --weight-decay >= 0; got {args.lr}, {args.momentum}, "
+                         f"{args.weight_decay}")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available; use --device cpu")
+    if args.attacks:
+        attacks.registered(args.attacks)
+    if args.out_dir and (Path(args.out_dir) / "ckpt.pt").exists():
+        raise ValueError(f"--out-dir {args.out_dir} already holds a run; continue it with --resume {args.out_dir}")
+    if args.dataset != "fake":
+        ensure_files(args.dataset, Path(args.data_dir), args.download)
+    if args.init_ckpt:                            # the weights must fit the model this run builds
+        load_weights(build_model(DATASETS[args.dataset]["num_classes"], (0.0,) * 3, (1.0,) * 3, args.width,
+                                 args.activation), args.init_ckpt)
+
+
+def parse_args(parser, argv, check):
+    """Parse, then validate everything before anything is written: a user error is one line and exit 2."""
+    args = parser.parse_args(argv)
+    try:
+        check_common_args(args)
+        check(args)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    return args
 # ==== END SHARED: common-flags ====
 
 
@@ -872,10 +716,11 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)                      # seeds the CPU and every CUDA device
     torch.backends.cudnn.benchmark = not deterministic
-    if deterministic:                            # slower; see PyTorch's "Reproducibility" notes
+    if deterministic:   # CPU runs are deterministic anyway. On CUDA, ops without a deterministic kernel (grid_sample,
+        # interpolate and reflection-pad backward in some attacks) warn instead of raising: README, "Reproducibility"
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.deterministic = True
-        torch.use_deterministic_algorithms(True)
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def pick_device(name: str) -> torch.device:
@@ -883,33 +728,45 @@ def pick_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name!r} requested but CUDA is not available; use --device cpu")
     return device
+# ==== END SHARED: setup ====
 
 
+# ==== BEGIN SHARED: run-dir (canonical: cas.py; identical in caat_meta.py, caat_reinforce.py; tests/test_copies.py) ====
 def make_run_dir(args, script: str, resuming: bool = False) -> Path:
     """Create (or, when resuming, reuse) the run directory; never overwrite another run's files."""
     if not args.out_dir:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        args.out_dir = str(Path("runs") / script / f"{args.dataset}-s{args.seed}-{stamp}")
+        args.out_dir = str(Path("runs") / script / f"{args.dataset}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
     out = Path(args.out_dir)
     if not resuming and (out / "ckpt.pt").exists():
-        raise FileExistsError(f"{out} already holds a run (ckpt.pt); continue it with --resume {out} "
-                              f"or choose another --out-dir")
+        raise FileExistsError(f"{out} already holds a run (ckpt.pt); continue it with --resume {out}")
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
 def run_info(device: torch.device) -> dict:
-    """Versions and machine facts recorded in args.json."""
-    info = {"python": sys.version.split()[0], "torch": torch.__version__, "start_time": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    """Versions, machine and commit recorded in args.json."""
+    import subprocess
     try:
-        import subprocess
-        info["git"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                     cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip()
+        git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        info["git"] = ""
-    return info
-# ==== END SHARED: setup ====
+        git = ""
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "git": git,
+            "start_time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def save_checkpoint(path, obj):
+    """Atomic torch.save: write path.tmp, then os.replace (a kill at any moment leaves the old or the new file)."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+# ==== END SHARED: run-dir ====
 
 
 # ==== BEGIN SHARED: model (canonical: cas.py; identical in caat_meta.py, caat_reinforce.py, eval.py; tests/test_copies.py) ====
@@ -926,17 +783,13 @@ class Normalize(nn.Module):
 
 
 class PreActBlock(nn.Module):
-    """Pre-activation basic block (He et al. 2016) as in Rice et al. 2020 / E-AT: bn1-act-conv1-bn2-act-conv2 + skip.
-
-    The projection shortcut (1x1 conv, when the shape changes) takes the activated input, the identity the raw one.
-    """
+    """Pre-activation basic block (He et al. 2016) as in Rice et al. 2020 / E-AT: bn1-act-conv1-bn2-act-conv2 + skip;
+    the projection shortcut (1x1 conv, when the shape changes) takes the activated input, the identity the raw one."""
 
     def __init__(self, in_planes, planes, stride, act):
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn1, self.conv1 = nn.BatchNorm2d(in_planes), nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(planes), nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.act = act
         if stride != 1 or in_planes != planes:
             self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False))
@@ -944,38 +797,31 @@ class PreActBlock(nn.Module):
     def forward(self, x):
         out = self.act(self.bn1(x))
         skip = self.shortcut(out) if hasattr(self, "shortcut") else x
-        out = self.conv1(out)
-        out = self.conv2(self.act(self.bn2(out)))
-        return out + skip
+        return self.conv2(self.act(self.bn2(self.conv1(out)))) + skip
 
 
 class PreActResNet18(nn.Module):
-    """PreActResNet-18 with the layer names of Rice et al. / E-AT (conv1, layer1..4, bn, linear).
+    """PreActResNet-18 with the layer names of Rice et al. / E-AT (conv1, layer1..4, bn, linear); input in [0, 1].
 
-    Input in [0, 1]; normalisation is the first module (no state_dict entries). Final bn -> ReLU -> 4x4 average
-    pool -> linear (ReLU even with softplus blocks, as E-AT). width 64 = the standard model (64-128-256-512).
+    Final bn -> ReLU -> average pool -> linear (ReLU even with softplus blocks, as E-AT). width 64 = the standard model.
     """
 
     def __init__(self, num_classes=10, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), width=64, activation="relu"):
         super().__init__()
-        if activation not in ("relu", "softplus"):
-            raise ValueError(f"unknown activation {activation!r}; choose from relu, softplus")
         act = nn.ReLU() if activation == "relu" else nn.Softplus(beta=1.0)
         self.normalize = Normalize(mean, std)
         self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
         planes, layers = width, []
         for i, stride in enumerate((1, 2, 2, 2)):
-            out = width * 2 ** i
-            layers.append(nn.Sequential(PreActBlock(planes, out, stride, act), PreActBlock(out, out, 1, act)))
-            planes = out
+            layers.append(nn.Sequential(PreActBlock(planes, width * 2 ** i, stride, act),
+                                        PreActBlock(width * 2 ** i, width * 2 ** i, 1, act)))
+            planes = width * 2 ** i
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
-        self.bn = nn.BatchNorm2d(planes)
-        self.linear = nn.Linear(planes, num_classes)
+        self.bn, self.linear = nn.BatchNorm2d(planes), nn.Linear(planes, num_classes)
 
     def features(self, x):
         """Outputs of layer1..layer4 (pre-activation sums), for ppgd's "self" perceptual distance."""
-        out = self.conv1(self.normalize(x))
-        feats = []
+        out, feats = self.conv1(self.normalize(x)), []
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             out = layer(out)
             feats.append(out)
@@ -992,10 +838,10 @@ def build_model(num_classes, mean, std, width=64, activation="relu"):
 
 def extract_state_dict(obj, path):
     """The state_dict inside a checkpoint: ours ({"model": ...}), Rice et al.'s ({"state_dict": ...}) or a plain one."""
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
+    for key in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path}: not a state_dict (expected a dict of tensors, or a checkpoint with a 'model' "
                          f"or 'state_dict' entry); got {type(obj).__name__}")
@@ -1003,43 +849,26 @@ def extract_state_dict(obj, path):
 
 
 def load_weights(model, path):
-    """Load a checkpoint's weights into `model` strictly, with a clear error on missing/unexpected/mis-shaped keys."""
+    """Load a checkpoint's weights into `model` strictly; one clear error line for missing/unexpected/mis-shaped keys."""
     sd = extract_state_dict(load_checkpoint(path), path)
     own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    shapes = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                    for k in set(own) & set(sd) if sd[k].shape != own[k].shape)
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    shapes = sorted(f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in set(own) & set(sd)
+                    if sd[k].shape != own[k].shape)
     if missing or unexpected or shapes:
-        raise ValueError(f"{path} does not fit this PreActResNet-18 (check --width/--activation/dataset):\n"
-                         f"  missing keys: {missing[:10]}{' ...' if len(missing) > 10 else ''}\n"
-                         f"  unexpected keys: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}\n"
-                         f"  shape mismatches: {shapes[:10]}")
+        raise ValueError(f"{path} does not fit this PreActResNet-18 (check --width/--activation/--dataset): "
+                         f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}, "
+                         f"shape mismatches (checkpoint vs model) {shapes[:3]}")
     model.load_state_dict(sd)
     return model
-
-
-def build_model_from_ckpt(path, device="cpu", width=None, activation=None, num_classes=None, mean=None, std=None):
-    """Rebuild a model from a model.pt / ckpt.pt (metadata) or a plain state_dict (pass width etc.); eval mode."""
-    ckpt = load_checkpoint(path)
-    meta = ckpt if isinstance(ckpt, dict) and "arch" in ckpt else {}
-    if meta and meta["arch"] != "preact_resnet18":
-        raise ValueError(f"{path}: unknown arch {meta['arch']!r}; this code builds preact_resnet18")
-    model = build_model(num_classes or meta.get("num_classes", 10), mean or meta.get("mean", (0.0, 0.0, 0.0)),
-                        std or meta.get("std", (1.0, 1.0, 1.0)), width or meta.get("width", 64),
-                        activation or meta.get("activation", "relu"))
-    load_weights(model, path)
-    return model.to(device).eval()
 # ==== END SHARED: model ====
 
 
 # ==== BEGIN SHARED: data (canonical: cas.py; identical in caat_meta.py, caat_reinforce.py, eval.py; tests/test_copies.py) ====
-# name -> classes, mean, std, files (relative to --data-dir), archive/url + md5 used to download them
+# name -> classes, mean, std, augmentation, files (relative to --data-dir), (url, md5) to download them
 DATASETS = {
     "cifar10": dict(num_classes=10, mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616), augment="crop_flip",
-                    files=["cifar-10-batches-py/data_batch_1", "cifar-10-batches-py/data_batch_2",
-                           "cifar-10-batches-py/data_batch_3", "cifar-10-batches-py/data_batch_4",
-                           "cifar-10-batches-py/data_batch_5", "cifar-10-batches-py/test_batch"],
+                    files=[f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)] + ["cifar-10-batches-py/test_batch"],
                     urls=[("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a")]),
     "cifar100": dict(num_classes=100, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), augment="crop_flip",
                      files=["cifar-100-python/train", "cifar-100-python/test"],
@@ -1054,57 +883,48 @@ FAKE_SIZES = (256, 64)   # train / test images of --dataset fake
 
 
 def ensure_files(name, root, download):
-    """Make sure the dataset files exist under root; download them if allowed, else raise a clear error."""
+    """Make sure the dataset files exist under root; download them if allowed, else a clear FileNotFoundError."""
     spec = DATASETS[name]
     missing = [f for f in spec["files"] if not (root / f).exists()]
-    if not missing:
-        return
-    if download:
+    if missing and download:
         try:
             from torchvision.datasets.utils import download_and_extract_archive, download_url
             for url, md5 in spec["urls"]:
-                if url.endswith(".tar.gz"):
-                    download_and_extract_archive(url, str(root), md5=md5)
-                else:
-                    download_url(url, str(root), md5=md5)
-            missing = [f for f in spec["files"] if not (root / f).exists()]
-        except Exception as e:   # offline, proxy, disk: report it with the files the user must provide
-            raise FileNotFoundError(f"{name}: could not download ({type(e).__name__}: {e}). Put these files under "
-                                    f"--data-dir {root}: {', '.join(spec['files'])} (from {spec['urls'][0][0]})") from e
+                (download_and_extract_archive if url.endswith(".tar.gz") else download_url)(url, str(root), md5=md5)
+        except Exception as e:   # offline, proxy, disk: name the files the user must provide
+            raise FileNotFoundError(f"{name}: could not download ({type(e).__name__}: {e}); put "
+                                    f"{', '.join(spec['files'])} under --data-dir {root}") from e
+        missing = [f for f in spec["files"] if not (root / f).exists()]
     if missing:
         raise FileNotFoundError(f"{name}: missing {', '.join(missing)} under --data-dir {root}; download them from "
                                 f"{', '.join(u for u, _ in spec['urls'])} (or drop --no-download)")
 
 
 def read_split(name, root, train):
-    """(uint8 images (N, 3, 32, 32), int64 labels (N,)) read from the standard files (no md5 check of the files)."""
+    """(uint8 images (N, 3, 32, 32), int64 labels (N,)) from the standard files (no md5 check of the files)."""
     import pickle
-    if name in ("cifar10", "cifar100"):
-        if name == "cifar10":
-            files = [f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)] if train else ["cifar-10-batches-py/test_batch"]
-        else:
-            files = ["cifar-100-python/train" if train else "cifar-100-python/test"]
-        xs, ys = [], []
-        for f in files:
-            with open(root / f, "rb") as fh:
-                d = pickle.load(fh, encoding="bytes")
-            xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(d[b"labels"] if b"labels" in d else d[b"fine_labels"], dtype=np.int64))
-        return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
-    from scipy.io import loadmat   # svhn: X (32, 32, 3, N), y (N, 1) with label 10 for the digit 0
-    d = loadmat(str(root / ("train_32x32.mat" if train else "test_32x32.mat")))
-    x = torch.from_numpy(np.ascontiguousarray(d["X"].transpose(3, 2, 0, 1)))
-    y = torch.from_numpy(d["y"].astype(np.int64).reshape(-1) % 10)
-    return x, y
+    if name == "svhn":   # X (32, 32, 3, N), y (N, 1) with label 10 for the digit 0
+        from scipy.io import loadmat
+        d = loadmat(str(root / ("train_32x32.mat" if train else "test_32x32.mat")))
+        return (torch.from_numpy(np.ascontiguousarray(d["X"].transpose(3, 2, 0, 1))),
+                torch.from_numpy(d["y"].astype(np.int64).reshape(-1) % 10))
+    files = [f for f in DATASETS[name]["files"] if ("test" not in f) == train]
+    xs, ys = [], []
+    for f in files:
+        with open(root / f, "rb") as fh:
+            d = pickle.load(fh, encoding="bytes")
+        xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(d[b"labels"] if b"labels" in d else d[b"fine_labels"], dtype=np.int64))
+    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
 
 def fake_split(n, seed, num_classes=10):
-    """Seeded, learnable random images: a per-class colour and stripe pattern plus noise."""
+    """Seeded synthetic images: a per-class colour and stripe frequency shared by every split, plus per-image noise."""
+    proto = torch.rand(num_classes, 3, 1, 1, generator=torch.Generator().manual_seed(1234)) * 0.6 + 0.2
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, num_classes, (n,), generator=g)
-    base = torch.rand(num_classes, 3, 1, 1, generator=g) * 0.6 + 0.2
     stripes = torch.sin(torch.arange(32.0) * (y.float()[:, None] + 1) * 0.4)[:, None, None, :] * 0.15
-    x = base[y] + stripes + 0.1 * torch.randn(n, 3, 32, 32, generator=g)
+    x = proto[y] + stripes + 0.1 * torch.randn(n, 3, 32, 32, generator=g)
     return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
 
 
@@ -1114,13 +934,10 @@ def make_datasets(args, device):
     if args.dataset == "fake":
         (tx, ty), (vx, vy) = fake_split(FAKE_SIZES[0], 0), fake_split(FAKE_SIZES[1], 1)
     else:
-        root = Path(args.data_dir)
-        ensure_files(args.dataset, root, args.download)
-        (tx, ty), (vx, vy) = read_split(args.dataset, root, True), read_split(args.dataset, root, False)
-    if args.train_subset:
-        tx, ty = tx[: args.train_subset], ty[: args.train_subset]
-    if args.test_subset:
-        vx, vy = vx[: args.test_subset], vy[: args.test_subset]
+        ensure_files(args.dataset, Path(args.data_dir), args.download)
+        (tx, ty), (vx, vy) = (read_split(args.dataset, Path(args.data_dir), t) for t in (True, False))
+    tx, ty = (tx[: args.train_subset], ty[: args.train_subset]) if args.train_subset else (tx, ty)
+    vx, vy = (vx[: args.test_subset], vy[: args.test_subset]) if args.test_subset else (vx, vy)
     mean, std = (spec["mean"], spec["std"]) if args.input_norm == "dataset" else ((0.0,) * 3, (1.0,) * 3)
     return {"train_x": tx.to(device), "train_y": ty.to(device), "test_x": vx.to(device), "test_y": vy.to(device),
             "num_classes": spec["num_classes"], "mean": mean, "std": std, "augment": spec["augment"]}
@@ -1132,18 +949,14 @@ def to_float(x_u8):
 
 def augment_batch(x, generator, kind, pad=4):
     """Random crop (zero padding `pad`) and, for kind 'crop_flip', horizontal flip, batched on x's device."""
-    b, _, h, w = x.shape
+    b, c, h, w = x.shape
     offs = torch.randint(0, 2 * pad + 1, (2, b), generator=generator).to(x.device)
     flip = torch.rand(b, generator=generator).to(x.device) < 0.5
-    xp = F.pad(x, (pad, pad, pad, pad))
     rows = (offs[0][:, None] + torch.arange(h, device=x.device))[:, None, :, None]   # (B, 1, H, 1)
     cols = offs[1][:, None] + torch.arange(w, device=x.device)                       # (B, W)
-    if kind == "crop_flip":
-        cols = torch.where(flip[:, None], cols.flip(1), cols)
-    cols = cols[:, None, None, :]                                                     # (B, 1, 1, W)
+    cols = torch.where(flip[:, None], cols.flip(1), cols) if kind == "crop_flip" else cols
     bidx = torch.arange(b, device=x.device)[:, None, None, None]
-    cidx = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
-    return xp[bidx, cidx, rows, cols]
+    return F.pad(x, (pad,) * 4)[bidx, torch.arange(c, device=x.device)[None, :, None, None], rows, cols[:, None, None, :]]
 
 
 def iterate_batches(x_u8, y, batch_size, generator=None, augment=None):
@@ -1153,9 +966,7 @@ def iterate_batches(x_u8, y, batch_size, generator=None, augment=None):
     for i in range(0, n, batch_size):
         idx = order[i: i + batch_size]
         xb = to_float(x_u8[idx])
-        if generator is not None and augment:
-            xb = augment_batch(xb, generator, augment)
-        yield xb, y[idx]
+        yield (augment_batch(xb, generator, augment) if generator is not None and augment else xb), y[idx]
 # ==== END SHARED: data ====
 
 
@@ -1163,9 +974,8 @@ def iterate_batches(x_u8, y, batch_size, generator=None, augment=None):
 def evaluate(model, x_u8, y, attack_fns, batch_size, seed):
     """Clean accuracy and accuracy under each attack (dict name -> fn(model, x, y) -> x_adv) on (x_u8, y).
 
-    The model is in eval mode throughout (its mode is restored after). The RNG is forked and re-seeded before each
-    attack, so a result depends neither on the training RNG nor on which other attacks ran. Also returns the
-    per-example correctness (for union / class-wise metrics).
+    Eval mode throughout (the mode is restored after). The RNG is forked and re-seeded before each attack, so a result
+    depends neither on the training RNG nor on which other attacks ran. Also returns per-example correctness.
     """
     was_training = model.training
     model.eval()
@@ -1185,14 +995,14 @@ def evaluate(model, x_u8, y, attack_fns, batch_size, seed):
     model.train(was_training)
     acc = {k: v.float().mean().item() for k, v in correct.items()}
     return {"clean": acc.pop("clean"), "attacks": acc, "correct": correct}
+# ==== END SHARED: evaluate ====
 
 
+# ==== BEGIN SHARED: cas-metrics (canonical: cas.py; identical in eval.py; tests/test_copies.py) ====
 def scenario_weights(names, scenario):
     """Importance weights w_v of CAS Sec. 5.1: 6 for l_inf, l_2, l_1 (cifar) or snow, fog, blur (svhn), else 1."""
-    heavy = {"cifar": ("linf", "l2", "l1"), "svhn": ("snow", "fog", "blur")}
-    if scenario not in heavy:
-        raise ValueError(f"unknown scenario {scenario!r}; choose from {sorted(heavy)}")
-    return [6.0 if n in heavy[scenario] else 1.0 for n in names]
+    heavy = {"cifar": ("linf", "l2", "l1"), "svhn": ("snow", "fog", "blur")}[scenario]
+    return [6.0 if n in heavy else 1.0 for n in names]
 
 
 def aggregate(acc, weights, names, scenario):
@@ -1200,34 +1010,23 @@ def aggregate(acc, weights, names, scenario):
     out = {"avg_robust": sum(w * acc[n] for n, w in zip(names, weights)) / sum(weights) if names else float("nan")}
     group = ("linf", "l2", "l1") if scenario == "cifar" else ("snow", "fog", "blur")
     keys = ("avg_lp", "avg_semantic") if scenario == "cifar" else ("avg_corruption", "avg_others")
-    inside = [acc[n] for n in names if n in group]
-    outside = [acc[n] for n in names if n not in group]
+    inside, outside = [acc[n] for n in names if n in group], [acc[n] for n in names if n not in group]
     out[keys[0]] = sum(inside) / len(inside) if inside else float("nan")
     out[keys[1]] = sum(outside) / len(outside) if outside else float("nan")
     return out
-# ==== END SHARED: evaluate ====
+# ==== END SHARED: cas-metrics ====
 
 
 # ==== BEGIN SHARED: io (canonical: cas.py; identical in caat_meta.py, caat_reinforce.py, eval.py; tests/test_copies.py) ====
+def write_text(path, text):
+    """Atomic write (temp file + os.replace): a crash never leaves a half-written file."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_json(path, obj):
-    """Atomic JSON write (temp file + os.replace): a crash never leaves a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def append_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-
-
-def save_checkpoint(path, obj):
-    """Atomic torch.save: write path.tmp, then os.replace (a kill at any moment leaves the old or the new file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def load_checkpoint(path):
@@ -1244,5 +1043,4 @@ def load_checkpoint(path):
 
 
 if __name__ == "__main__":   # at the very end, so the shared blocks above are defined before main() runs
-    args = get_args()
-    tradeoff_matrix(args) if args.tradeoff_matrix else main(args)
+    main(get_args())

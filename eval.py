@@ -45,24 +45,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attacks
-from attacks import ATTACKS, DEFAULT_EPS, LP
+from attacks import ATTACKS, DEFAULT_EPS, attack_settings
 
 SCRIPT = "eval"
 FORMAT = 1
 NORMS = ("linf", "l2", "l1")
 P = {"linf": float("inf"), "l2": 2.0, "l1": 1.0}
 
-# Full evaluation strength of the attacks that have no LEVELS table (the semantic ones use LEVELS[--level] of their
-# module). l_p: our choice of a strong first-order evaluation (the CAS paper evaluates l_p with AutoAttack, Sec. 5.1:
-# run --autoattack for that): PGD-50 with the attacks' step rule 2.5 eps / steps (Madry et al. 2018), and APGD-l1
-# with AutoAttack's 100 iterations and evaluation sparsity 0.2 (Croce & Hein 2021). ppgd: 40 iterations, the
-# CIFAR-10 evaluation setting of Laidlaw et al. 2021 (its default 10 is the training setting).
-EVAL_STRENGTH = {
-    "linf": {"steps": 50},
-    "l2": {"steps": 50},
-    "l1": {"steps": 100, "sparsity": 0.2},
-    "ppgd": {"steps": 40},
-}
 CAAT_EPS, CAAT_STEP = 8 / 255, 2 / 255   # CAAT Sec. 6.1 (FRL's setting): PGD eps 8/255, step 2/255, 10 / 20 steps
 
 # Sanity-check tolerances. Range: exact ([0, 1], as AutoAttack's check). l_p budget: relative 1e-5 (float32
@@ -82,7 +71,7 @@ def fraction(s: str) -> float:
 
 
 def make_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = parser.add_argument_group("what to evaluate")
     g.add_argument("--ckpt", type=str, default="", help="model.pt / ckpt.pt of our scripts, or a plain state_dict")
@@ -135,6 +124,11 @@ def make_parser():
     g.add_argument("--n-show", type=int, default=8, help="images per row of --save-examples")
     g.add_argument("--compare", type=str, nargs="+", default=None, help="eval.json files: print them side by side")
     g.add_argument("--labels", type=str, default="", help="comma list of column names for --compare")
+    g.add_argument("--tradeoff", type=str, nargs="+", default=None,
+                   help="CAS Figs. 3/6: START.json ROW.json ...: the change of every attack's accuracy from the start "
+                        "model's eval.json to each row's (a model fine-tuned on one attack alone); --out writes it")
+    g.add_argument("--tradeoff-sequential", action="store_true",
+                   help="with --tradeoff: measure each row against the previous row (a chain of fine-tunings)")
     g.add_argument("--aggregate", type=str, nargs="+", default=None,
                    help="eval.json files of several seeds: mean +- std per --label (the paper's Table 1 layout; "
                         "wall-clock from the results.json beside each checkpoint); --out writes the markdown")
@@ -142,7 +136,15 @@ def make_parser():
 
 
 def get_args(argv=None):
-    return make_parser().parse_args(argv)
+    """Parse and validate: a user error is one argparse-style line (exit 2), no traceback."""
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if not (args.compare or args.aggregate or args.tradeoff):
+        try:
+            check_args(args)
+        except (ValueError, FileNotFoundError) as e:
+            parser.error(str(e))
+    return args
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -181,30 +183,8 @@ def load_eps_table(path):
 
 
 def eval_kwargs(name, dataset, level, eps_table, steps=0):
-    """Keyword arguments of attack `name` at full evaluation strength (or `steps` steps for quick runs)."""
-    fn = ATTACKS[name]
-    params = inspect.signature(fn).parameters
-    levels = getattr(sys.modules[fn.__module__], "LEVELS", None)
-    if name in LP:
-        kw = {"eps": DEFAULT_EPS.get(dataset, DEFAULT_EPS["cifar10"])[name], **EVAL_STRENGTH[name]}
-    elif name in EVAL_STRENGTH:
-        kw = {"eps": params["eps"].default, **EVAL_STRENGTH[name]}
-    elif levels is not None:
-        if level not in levels:
-            raise ValueError(f"--level {level!r}: {fn.__module__}.LEVELS has only {sorted(levels)}")
-        kw = dict(levels[level])
-    elif level == "medium":   # the contract: an attack's defaults are its CIFAR-10 "medium" setting
-        kw = {k: params[k].default for k in ("eps", "steps", "step_size") if k in params}
-    else:
-        raise ValueError(f"--level {level!r}: {fn.__module__} defines no LEVELS table, only its defaults "
-                         f"(--level medium) are available for {name!r}")
-    if name in eps_table:
-        kw["eps"] = eps_table[name]
-    if steps:
-        if isinstance(kw.get("step_size"), (int, float)) and kw.get("steps"):
-            kw["step_size"] = kw["step_size"] * kw["steps"] / steps   # keep the reach steps x step size
-        kw["steps"] = steps
-    return kw
+    """Keyword arguments of attack `name` at full evaluation strength (attacks.attack_settings; --steps caps them)."""
+    return attack_settings(name, "eval", dataset=dataset, eps=eps_table.get(name), steps=steps or None, level=level)
 
 
 class SanityCheckError(RuntimeError):
@@ -443,8 +423,8 @@ def aggregate_seeds(paths):
         if e.get("pending"):
             raise ValueError(f"{p}: evaluation incomplete (pending {e['pending']}); finish it with --resume")
         run_dir = Path(e["ckpt"]).parent   # wall-clock and seed of the training run, when it is ours
-        wall = json.loads((run_dir / "results.json").read_text()).get("time/total_s") \
-            if (run_dir / "results.json").exists() else None
+        wall = json.loads((run_dir / "results.json").read_text()).get("time/train_s") \
+            if (run_dir / "results.json").exists() else None   # Table 2: fine-tuning time, no evaluation
         seed = json.loads((run_dir / "args.json").read_text()).get("seed") if (run_dir / "args.json").exists() else None
         groups.setdefault(e["label"], []).append({**e, "wall_s": wall, "train_seed": seed})
     if len({(e["dataset"], e["n"], e["scenario"], tuple(sorted(e["attacks"]))) for g in groups.values() for e in g}) > 1:
@@ -472,9 +452,38 @@ def aggregate_seeds(paths):
         wm, ws = entry["wall_min"]
         rows.append([label, str(len(evals))] + cells + [f"{wm:.1f} ± {ws:.1f}" if wm is not None else "–"])
     text = (f"Accuracy (%) on the {first['data_label']}, mean ± std (sample std) over the runs of each label; "
-            f"wall-clock of the training run (min).\n\n"
-            + md_table(["Method", "runs"] + [c for _, c in cols] + ["wall-clock (min)"], rows))
+            f"fine-tuning time of the training run (min; training alone, no evaluation).\n\n"
+            + md_table(["Method", "runs"] + [c for _, c in cols] + ["fine-tuning time (min)"], rows))
     return text, table
+
+
+def tradeoff_matrix(paths, sequential):
+    """CAS Figs. 3/6: entry (k, j) = acc_j after fine-tuning on attack k alone - acc_j before, and the matrix's sum.
+
+    paths: the start model's eval.json, then one eval.json per row (its label names the row: by default the folder
+    of the checkpoint, i.e. the attack trained on). sequential: row k is measured against row k-1 (a chain).
+    """
+    evals = []
+    for p in paths:
+        e = json.loads(Path(p).read_text())
+        if e.get("format") != FORMAT or "attacks" not in e or e.get("pending"):
+            raise ValueError(f"{p}: not a complete eval.json written by eval.py (format {FORMAT})")
+        evals.append(e)
+    if len(evals) < 2:
+        raise ValueError("--tradeoff needs the start model's eval.json and at least one row's")
+    names = ordered(set.intersection(*(set(e["attacks"]) for e in evals)))
+    rows, table = [["(start accuracy, %)"] + [f"{100 * evals[0]['attacks'][j]['acc']:.1f}" for j in names] + [""]], {}
+    for i, e in enumerate(evals[1:]):
+        ref = evals[i] if sequential else evals[0]
+        d = {j: e["attacks"][j]["acc"] - ref["attacks"][j]["acc"] for j in names}
+        table[e["label"]] = d
+        rows.append([e["label"]] + [f"{100 * v:+.1f}" for v in d.values()] + [f"{100 * sum(d.values()):+.1f}"])
+    total = sum(sum(d.values()) for d in table.values())
+    text = (f"Trade-off matrix (CAS Figs. 3/6): change of robust accuracy (points) on the {evals[0]['data_label']} "
+            f"after fine-tuning on one attack (row){', each row against the previous' if sequential else ''}; "
+            f"columns: the attack evaluated.\n\n" + md_table(["trained on \\ evaluated on"] + names + ["row sum"], rows)
+            + f"\n\nSum of the matrix: {100 * total:+.1f} points over {len(table)} rows.")
+    return text, {"attacks": names, "sequential": sequential, "rows": table, "sum": total}
 
 
 def save_examples(path, clean, rows, n_show):
@@ -599,8 +608,9 @@ def main(args):
         text = compare(args.compare, args.labels)
         print(text)
         return text
-    if args.aggregate:
-        text, table = aggregate_seeds(args.aggregate)
+    if args.aggregate or args.tradeoff:
+        text, table = aggregate_seeds(args.aggregate) if args.aggregate else \
+            tradeoff_matrix(args.tradeoff, args.tradeoff_sequential)
         print(text)
         if args.out:
             Path(args.out).with_suffix(".md").write_text(text + "\n")
@@ -684,16 +694,30 @@ def write_outputs(res, out, y, num_classes, scenario, lp_source):
     return text
 
 
+def build_model_from_ckpt(path, device="cpu", width=None, activation=None, num_classes=None, mean=None, std=None):
+    """Rebuild a model from a model.pt / ckpt.pt (metadata) or a plain state_dict (pass width etc.); eval mode."""
+    ckpt = load_checkpoint(path)
+    meta = ckpt if isinstance(ckpt, dict) and "arch" in ckpt else {}
+    if meta and meta["arch"] != "preact_resnet18":
+        raise ValueError(f"{path}: unknown arch {meta['arch']!r}; this code builds preact_resnet18")
+    model = build_model(num_classes or meta.get("num_classes", 10), mean or meta.get("mean", (0.0, 0.0, 0.0)),
+                        std or meta.get("std", (1.0, 1.0, 1.0)), width or meta.get("width", 64),
+                        activation or meta.get("activation", "relu"))
+    load_weights(model, path)
+    return model.to(device).eval()
+
+
 # ==== BEGIN SHARED: setup (canonical: cas.py; identical in caat_meta.py, caat_reinforce.py, eval.py; tests/test_copies.py) ====
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)                      # seeds the CPU and every CUDA device
     torch.backends.cudnn.benchmark = not deterministic
-    if deterministic:                            # slower; see PyTorch's "Reproducibility" notes
+    if deterministic:   # CPU runs are deterministic anyway. On CUDA, ops without a deterministic kernel (grid_sample,
+        # interpolate and reflection-pad backward in some attacks) warn instead of raising: README, "Reproducibility"
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.deterministic = True
-        torch.use_deterministic_algorithms(True)
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def pick_device(name: str) -> torch.device:
@@ -701,32 +725,6 @@ def pick_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name!r} requested but CUDA is not available; use --device cpu")
     return device
-
-
-def make_run_dir(args, script: str, resuming: bool = False) -> Path:
-    """Create (or, when resuming, reuse) the run directory; never overwrite another run's files."""
-    if not args.out_dir:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        args.out_dir = str(Path("runs") / script / f"{args.dataset}-s{args.seed}-{stamp}")
-    out = Path(args.out_dir)
-    if not resuming and (out / "ckpt.pt").exists():
-        raise FileExistsError(f"{out} already holds a run (ckpt.pt); continue it with --resume {out} "
-                              f"or choose another --out-dir")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def run_info(device: torch.device) -> dict:
-    """Versions and machine facts recorded in args.json."""
-    info = {"python": sys.version.split()[0], "torch": torch.__version__, "start_time": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    try:
-        import subprocess
-        info["git"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                     cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        info["git"] = ""
-    return info
 # ==== END SHARED: setup ====
 
 
@@ -744,17 +742,13 @@ class Normalize(nn.Module):
 
 
 class PreActBlock(nn.Module):
-    """Pre-activation basic block (He et al. 2016) as in Rice et al. 2020 / E-AT: bn1-act-conv1-bn2-act-conv2 + skip.
-
-    The projection shortcut (1x1 conv, when the shape changes) takes the activated input, the identity the raw one.
-    """
+    """Pre-activation basic block (He et al. 2016) as in Rice et al. 2020 / E-AT: bn1-act-conv1-bn2-act-conv2 + skip;
+    the projection shortcut (1x1 conv, when the shape changes) takes the activated input, the identity the raw one."""
 
     def __init__(self, in_planes, planes, stride, act):
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn1, self.conv1 = nn.BatchNorm2d(in_planes), nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(planes), nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.act = act
         if stride != 1 or in_planes != planes:
             self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False))
@@ -762,38 +756,31 @@ class PreActBlock(nn.Module):
     def forward(self, x):
         out = self.act(self.bn1(x))
         skip = self.shortcut(out) if hasattr(self, "shortcut") else x
-        out = self.conv1(out)
-        out = self.conv2(self.act(self.bn2(out)))
-        return out + skip
+        return self.conv2(self.act(self.bn2(self.conv1(out)))) + skip
 
 
 class PreActResNet18(nn.Module):
-    """PreActResNet-18 with the layer names of Rice et al. / E-AT (conv1, layer1..4, bn, linear).
+    """PreActResNet-18 with the layer names of Rice et al. / E-AT (conv1, layer1..4, bn, linear); input in [0, 1].
 
-    Input in [0, 1]; normalisation is the first module (no state_dict entries). Final bn -> ReLU -> 4x4 average
-    pool -> linear (ReLU even with softplus blocks, as E-AT). width 64 = the standard model (64-128-256-512).
+    Final bn -> ReLU -> average pool -> linear (ReLU even with softplus blocks, as E-AT). width 64 = the standard model.
     """
 
     def __init__(self, num_classes=10, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), width=64, activation="relu"):
         super().__init__()
-        if activation not in ("relu", "softplus"):
-            raise ValueError(f"unknown activation {activation!r}; choose from relu, softplus")
         act = nn.ReLU() if activation == "relu" else nn.Softplus(beta=1.0)
         self.normalize = Normalize(mean, std)
         self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
         planes, layers = width, []
         for i, stride in enumerate((1, 2, 2, 2)):
-            out = width * 2 ** i
-            layers.append(nn.Sequential(PreActBlock(planes, out, stride, act), PreActBlock(out, out, 1, act)))
-            planes = out
+            layers.append(nn.Sequential(PreActBlock(planes, width * 2 ** i, stride, act),
+                                        PreActBlock(width * 2 ** i, width * 2 ** i, 1, act)))
+            planes = width * 2 ** i
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
-        self.bn = nn.BatchNorm2d(planes)
-        self.linear = nn.Linear(planes, num_classes)
+        self.bn, self.linear = nn.BatchNorm2d(planes), nn.Linear(planes, num_classes)
 
     def features(self, x):
         """Outputs of layer1..layer4 (pre-activation sums), for ppgd's "self" perceptual distance."""
-        out = self.conv1(self.normalize(x))
-        feats = []
+        out, feats = self.conv1(self.normalize(x)), []
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             out = layer(out)
             feats.append(out)
@@ -810,10 +797,10 @@ def build_model(num_classes, mean, std, width=64, activation="relu"):
 
 def extract_state_dict(obj, path):
     """The state_dict inside a checkpoint: ours ({"model": ...}), Rice et al.'s ({"state_dict": ...}) or a plain one."""
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
+    for key in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path}: not a state_dict (expected a dict of tensors, or a checkpoint with a 'model' "
                          f"or 'state_dict' entry); got {type(obj).__name__}")
@@ -821,43 +808,26 @@ def extract_state_dict(obj, path):
 
 
 def load_weights(model, path):
-    """Load a checkpoint's weights into `model` strictly, with a clear error on missing/unexpected/mis-shaped keys."""
+    """Load a checkpoint's weights into `model` strictly; one clear error line for missing/unexpected/mis-shaped keys."""
     sd = extract_state_dict(load_checkpoint(path), path)
     own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    shapes = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                    for k in set(own) & set(sd) if sd[k].shape != own[k].shape)
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    shapes = sorted(f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in set(own) & set(sd)
+                    if sd[k].shape != own[k].shape)
     if missing or unexpected or shapes:
-        raise ValueError(f"{path} does not fit this PreActResNet-18 (check --width/--activation/dataset):\n"
-                         f"  missing keys: {missing[:10]}{' ...' if len(missing) > 10 else ''}\n"
-                         f"  unexpected keys: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}\n"
-                         f"  shape mismatches: {shapes[:10]}")
+        raise ValueError(f"{path} does not fit this PreActResNet-18 (check --width/--activation/--dataset): "
+                         f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}, "
+                         f"shape mismatches (checkpoint vs model) {shapes[:3]}")
     model.load_state_dict(sd)
     return model
-
-
-def build_model_from_ckpt(path, device="cpu", width=None, activation=None, num_classes=None, mean=None, std=None):
-    """Rebuild a model from a model.pt / ckpt.pt (metadata) or a plain state_dict (pass width etc.); eval mode."""
-    ckpt = load_checkpoint(path)
-    meta = ckpt if isinstance(ckpt, dict) and "arch" in ckpt else {}
-    if meta and meta["arch"] != "preact_resnet18":
-        raise ValueError(f"{path}: unknown arch {meta['arch']!r}; this code builds preact_resnet18")
-    model = build_model(num_classes or meta.get("num_classes", 10), mean or meta.get("mean", (0.0, 0.0, 0.0)),
-                        std or meta.get("std", (1.0, 1.0, 1.0)), width or meta.get("width", 64),
-                        activation or meta.get("activation", "relu"))
-    load_weights(model, path)
-    return model.to(device).eval()
 # ==== END SHARED: model ====
 
 
 # ==== BEGIN SHARED: data (canonical: cas.py; identical in caat_meta.py, caat_reinforce.py, eval.py; tests/test_copies.py) ====
-# name -> classes, mean, std, files (relative to --data-dir), archive/url + md5 used to download them
+# name -> classes, mean, std, augmentation, files (relative to --data-dir), (url, md5) to download them
 DATASETS = {
     "cifar10": dict(num_classes=10, mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616), augment="crop_flip",
-                    files=["cifar-10-batches-py/data_batch_1", "cifar-10-batches-py/data_batch_2",
-                           "cifar-10-batches-py/data_batch_3", "cifar-10-batches-py/data_batch_4",
-                           "cifar-10-batches-py/data_batch_5", "cifar-10-batches-py/test_batch"],
+                    files=[f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)] + ["cifar-10-batches-py/test_batch"],
                     urls=[("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a")]),
     "cifar100": dict(num_classes=100, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), augment="crop_flip",
                      files=["cifar-100-python/train", "cifar-100-python/test"],
@@ -872,57 +842,48 @@ FAKE_SIZES = (256, 64)   # train / test images of --dataset fake
 
 
 def ensure_files(name, root, download):
-    """Make sure the dataset files exist under root; download them if allowed, else raise a clear error."""
+    """Make sure the dataset files exist under root; download them if allowed, else a clear FileNotFoundError."""
     spec = DATASETS[name]
     missing = [f for f in spec["files"] if not (root / f).exists()]
-    if not missing:
-        return
-    if download:
+    if missing and download:
         try:
             from torchvision.datasets.utils import download_and_extract_archive, download_url
             for url, md5 in spec["urls"]:
-                if url.endswith(".tar.gz"):
-                    download_and_extract_archive(url, str(root), md5=md5)
-                else:
-                    download_url(url, str(root), md5=md5)
-            missing = [f for f in spec["files"] if not (root / f).exists()]
-        except Exception as e:   # offline, proxy, disk: report it with the files the user must provide
-            raise FileNotFoundError(f"{name}: could not download ({type(e).__name__}: {e}). Put these files under "
-                                    f"--data-dir {root}: {', '.join(spec['files'])} (from {spec['urls'][0][0]})") from e
+                (download_and_extract_archive if url.endswith(".tar.gz") else download_url)(url, str(root), md5=md5)
+        except Exception as e:   # offline, proxy, disk: name the files the user must provide
+            raise FileNotFoundError(f"{name}: could not download ({type(e).__name__}: {e}); put "
+                                    f"{', '.join(spec['files'])} under --data-dir {root}") from e
+        missing = [f for f in spec["files"] if not (root / f).exists()]
     if missing:
         raise FileNotFoundError(f"{name}: missing {', '.join(missing)} under --data-dir {root}; download them from "
                                 f"{', '.join(u for u, _ in spec['urls'])} (or drop --no-download)")
 
 
 def read_split(name, root, train):
-    """(uint8 images (N, 3, 32, 32), int64 labels (N,)) read from the standard files (no md5 check of the files)."""
+    """(uint8 images (N, 3, 32, 32), int64 labels (N,)) from the standard files (no md5 check of the files)."""
     import pickle
-    if name in ("cifar10", "cifar100"):
-        if name == "cifar10":
-            files = [f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)] if train else ["cifar-10-batches-py/test_batch"]
-        else:
-            files = ["cifar-100-python/train" if train else "cifar-100-python/test"]
-        xs, ys = [], []
-        for f in files:
-            with open(root / f, "rb") as fh:
-                d = pickle.load(fh, encoding="bytes")
-            xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(d[b"labels"] if b"labels" in d else d[b"fine_labels"], dtype=np.int64))
-        return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
-    from scipy.io import loadmat   # svhn: X (32, 32, 3, N), y (N, 1) with label 10 for the digit 0
-    d = loadmat(str(root / ("train_32x32.mat" if train else "test_32x32.mat")))
-    x = torch.from_numpy(np.ascontiguousarray(d["X"].transpose(3, 2, 0, 1)))
-    y = torch.from_numpy(d["y"].astype(np.int64).reshape(-1) % 10)
-    return x, y
+    if name == "svhn":   # X (32, 32, 3, N), y (N, 1) with label 10 for the digit 0
+        from scipy.io import loadmat
+        d = loadmat(str(root / ("train_32x32.mat" if train else "test_32x32.mat")))
+        return (torch.from_numpy(np.ascontiguousarray(d["X"].transpose(3, 2, 0, 1))),
+                torch.from_numpy(d["y"].astype(np.int64).reshape(-1) % 10))
+    files = [f for f in DATASETS[name]["files"] if ("test" not in f) == train]
+    xs, ys = [], []
+    for f in files:
+        with open(root / f, "rb") as fh:
+            d = pickle.load(fh, encoding="bytes")
+        xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(d[b"labels"] if b"labels" in d else d[b"fine_labels"], dtype=np.int64))
+    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
 
 def fake_split(n, seed, num_classes=10):
-    """Seeded, learnable random images: a per-class colour and stripe pattern plus noise."""
+    """Seeded synthetic images: a per-class colour and stripe frequency shared by every split, plus per-image noise."""
+    proto = torch.rand(num_classes, 3, 1, 1, generator=torch.Generator().manual_seed(1234)) * 0.6 + 0.2
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, num_classes, (n,), generator=g)
-    base = torch.rand(num_classes, 3, 1, 1, generator=g) * 0.6 + 0.2
     stripes = torch.sin(torch.arange(32.0) * (y.float()[:, None] + 1) * 0.4)[:, None, None, :] * 0.15
-    x = base[y] + stripes + 0.1 * torch.randn(n, 3, 32, 32, generator=g)
+    x = proto[y] + stripes + 0.1 * torch.randn(n, 3, 32, 32, generator=g)
     return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
 
 
@@ -932,13 +893,10 @@ def make_datasets(args, device):
     if args.dataset == "fake":
         (tx, ty), (vx, vy) = fake_split(FAKE_SIZES[0], 0), fake_split(FAKE_SIZES[1], 1)
     else:
-        root = Path(args.data_dir)
-        ensure_files(args.dataset, root, args.download)
-        (tx, ty), (vx, vy) = read_split(args.dataset, root, True), read_split(args.dataset, root, False)
-    if args.train_subset:
-        tx, ty = tx[: args.train_subset], ty[: args.train_subset]
-    if args.test_subset:
-        vx, vy = vx[: args.test_subset], vy[: args.test_subset]
+        ensure_files(args.dataset, Path(args.data_dir), args.download)
+        (tx, ty), (vx, vy) = (read_split(args.dataset, Path(args.data_dir), t) for t in (True, False))
+    tx, ty = (tx[: args.train_subset], ty[: args.train_subset]) if args.train_subset else (tx, ty)
+    vx, vy = (vx[: args.test_subset], vy[: args.test_subset]) if args.test_subset else (vx, vy)
     mean, std = (spec["mean"], spec["std"]) if args.input_norm == "dataset" else ((0.0,) * 3, (1.0,) * 3)
     return {"train_x": tx.to(device), "train_y": ty.to(device), "test_x": vx.to(device), "test_y": vy.to(device),
             "num_classes": spec["num_classes"], "mean": mean, "std": std, "augment": spec["augment"]}
@@ -950,18 +908,14 @@ def to_float(x_u8):
 
 def augment_batch(x, generator, kind, pad=4):
     """Random crop (zero padding `pad`) and, for kind 'crop_flip', horizontal flip, batched on x's device."""
-    b, _, h, w = x.shape
+    b, c, h, w = x.shape
     offs = torch.randint(0, 2 * pad + 1, (2, b), generator=generator).to(x.device)
     flip = torch.rand(b, generator=generator).to(x.device) < 0.5
-    xp = F.pad(x, (pad, pad, pad, pad))
     rows = (offs[0][:, None] + torch.arange(h, device=x.device))[:, None, :, None]   # (B, 1, H, 1)
     cols = offs[1][:, None] + torch.arange(w, device=x.device)                       # (B, W)
-    if kind == "crop_flip":
-        cols = torch.where(flip[:, None], cols.flip(1), cols)
-    cols = cols[:, None, None, :]                                                     # (B, 1, 1, W)
+    cols = torch.where(flip[:, None], cols.flip(1), cols) if kind == "crop_flip" else cols
     bidx = torch.arange(b, device=x.device)[:, None, None, None]
-    cidx = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
-    return xp[bidx, cidx, rows, cols]
+    return F.pad(x, (pad,) * 4)[bidx, torch.arange(c, device=x.device)[None, :, None, None], rows, cols[:, None, None, :]]
 
 
 def iterate_batches(x_u8, y, batch_size, generator=None, augment=None):
@@ -971,9 +925,7 @@ def iterate_batches(x_u8, y, batch_size, generator=None, augment=None):
     for i in range(0, n, batch_size):
         idx = order[i: i + batch_size]
         xb = to_float(x_u8[idx])
-        if generator is not None and augment:
-            xb = augment_batch(xb, generator, augment)
-        yield xb, y[idx]
+        yield (augment_batch(xb, generator, augment) if generator is not None and augment else xb), y[idx]
 # ==== END SHARED: data ====
 
 
@@ -981,9 +933,8 @@ def iterate_batches(x_u8, y, batch_size, generator=None, augment=None):
 def evaluate(model, x_u8, y, attack_fns, batch_size, seed):
     """Clean accuracy and accuracy under each attack (dict name -> fn(model, x, y) -> x_adv) on (x_u8, y).
 
-    The model is in eval mode throughout (its mode is restored after). The RNG is forked and re-seeded before each
-    attack, so a result depends neither on the training RNG nor on which other attacks ran. Also returns the
-    per-example correctness (for union / class-wise metrics).
+    Eval mode throughout (the mode is restored after). The RNG is forked and re-seeded before each attack, so a result
+    depends neither on the training RNG nor on which other attacks ran. Also returns per-example correctness.
     """
     was_training = model.training
     model.eval()
@@ -1003,14 +954,14 @@ def evaluate(model, x_u8, y, attack_fns, batch_size, seed):
     model.train(was_training)
     acc = {k: v.float().mean().item() for k, v in correct.items()}
     return {"clean": acc.pop("clean"), "attacks": acc, "correct": correct}
+# ==== END SHARED: evaluate ====
 
 
+# ==== BEGIN SHARED: cas-metrics (canonical: cas.py; identical in eval.py; tests/test_copies.py) ====
 def scenario_weights(names, scenario):
     """Importance weights w_v of CAS Sec. 5.1: 6 for l_inf, l_2, l_1 (cifar) or snow, fog, blur (svhn), else 1."""
-    heavy = {"cifar": ("linf", "l2", "l1"), "svhn": ("snow", "fog", "blur")}
-    if scenario not in heavy:
-        raise ValueError(f"unknown scenario {scenario!r}; choose from {sorted(heavy)}")
-    return [6.0 if n in heavy[scenario] else 1.0 for n in names]
+    heavy = {"cifar": ("linf", "l2", "l1"), "svhn": ("snow", "fog", "blur")}[scenario]
+    return [6.0 if n in heavy else 1.0 for n in names]
 
 
 def aggregate(acc, weights, names, scenario):
@@ -1018,34 +969,23 @@ def aggregate(acc, weights, names, scenario):
     out = {"avg_robust": sum(w * acc[n] for n, w in zip(names, weights)) / sum(weights) if names else float("nan")}
     group = ("linf", "l2", "l1") if scenario == "cifar" else ("snow", "fog", "blur")
     keys = ("avg_lp", "avg_semantic") if scenario == "cifar" else ("avg_corruption", "avg_others")
-    inside = [acc[n] for n in names if n in group]
-    outside = [acc[n] for n in names if n not in group]
+    inside, outside = [acc[n] for n in names if n in group], [acc[n] for n in names if n not in group]
     out[keys[0]] = sum(inside) / len(inside) if inside else float("nan")
     out[keys[1]] = sum(outside) / len(outside) if outside else float("nan")
     return out
-# ==== END SHARED: evaluate ====
+# ==== END SHARED: cas-metrics ====
 
 
 # ==== BEGIN SHARED: io (canonical: cas.py; identical in caat_meta.py, caat_reinforce.py, eval.py; tests/test_copies.py) ====
+def write_text(path, text):
+    """Atomic write (temp file + os.replace): a crash never leaves a half-written file."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_json(path, obj):
-    """Atomic JSON write (temp file + os.replace): a crash never leaves a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def append_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-
-
-def save_checkpoint(path, obj):
-    """Atomic torch.save: write path.tmp, then os.replace (a kill at any moment leaves the old or the new file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def load_checkpoint(path):

@@ -24,11 +24,14 @@ ATTACKS holds the attacks implemented so far; registered(names) validates user i
 A model used with `ppgd`'s "self" distance must expose `features(x) -> list[Tensor]`.
 """
 
+import inspect
+import sys
+
 from attacks.lp import l1, l2, linf
-# -- perceptual imports (issue 5)
+# -- perceptual imports
 from attacks.perceptual import ppgd
 from attacks.autoattack import autoattack
-# -- core semantic imports (issue 3)
+# -- core semantic imports
 from attacks.wood import wood
 from attacks.elastic import elastic
 from attacks.pixel import pixel
@@ -37,7 +40,7 @@ from attacks.gabor import gabor
 from attacks.jpeg import jpeg
 from attacks.glitch import glitch
 from attacks.kaleidoscope import kaleidoscope
-# -- extra semantic imports (issue 4)
+# -- extra semantic imports
 from attacks.blur import blur
 from attacks.edge import edge
 from attacks.fog import fog
@@ -60,9 +63,9 @@ ATTACKS = {
     "linf": linf,
     "l2": l2,
     "l1": l1,
-    # perceptual (issue 5)
+    # perceptual
     "ppgd": ppgd,
-    # core semantic (issue 3)
+    # core semantic
     "wood": wood,
     "elastic": elastic,
     "pixel": pixel,
@@ -71,7 +74,7 @@ ATTACKS = {
     "jpeg": jpeg,
     "glitch": glitch,
     "kaleidoscope": kaleidoscope,
-    # extra semantic (issue 4)
+    # extra semantic
     "blur": blur,
     "edge": edge,
     "fog": fog,
@@ -90,6 +93,59 @@ DEFAULT_EPS = {
     "cifar100": {"linf": 8 / 255, "l2": 0.5, "l1": 12.0},
     "svhn": {"linf": 8 / 255, "l2": 0.5, "l1": 12.0},
 }
+# Full evaluation strength of the attacks without a LEVELS table: PGD-50 with the 2.5 eps / steps rule (Madry et al.
+# 2018); APGD-l1 with AutoAttack's 100 iterations and evaluation sparsity 0.2 (Croce & Hein 2021); PPGD 40 iterations,
+# the CIFAR-10 evaluation setting of Laidlaw et al. 2021 (its default 10 is their training setting).
+EVAL_STRENGTH = {"linf": {"steps": 50}, "l2": {"steps": 50}, "l1": {"steps": 100, "sparsity": 0.2}, "ppgd": {"steps": 40}}
+TRAIN_STEPS = 10   # training-time attacks: the paper gives no step count (README, cas.py detail D8)
+
+
+def attack_settings(name, mode="eval", *, dataset="cifar10", eps=None, steps=None, level="medium"):
+    """Keyword arguments of ATTACKS[name] for training or evaluation: the one place that knows attack strength.
+
+    Base setting: l_p the dataset's budget (DEFAULT_EPS); ppgd its defaults; a semantic attack its module's
+    LEVELS[level] (the upstream CIFAR-10 low / medium / high table; its signature defaults are "medium").
+    mode "eval": full strength (EVAL_STRENGTH for l_p and ppgd, the level's steps for the others); `steps` caps every
+      attack at that many steps (quick runs).
+    mode "train": l_p attacks run `steps` (default TRAIN_STEPS) steps, every other attack min(steps, its own steps).
+    eps overrides the budget (e.g. a calibrated one, CAS Eq. (11)).
+    Step-size rule (README, cas.py detail D8): a latent attack's step is relative to its budget and to its step count:
+      step = base_step * (eps / base_eps) * (base_steps / steps), and never more than eps -- so fewer steps travel the
+      same relative distance, a calibrated eps moves the step with it, and no single step leaves the budget.
+    l_p attacks keep their own rules (2.5 eps / steps for l_inf / l_2, APGD-l1's adaptive step), ppgd 2 eps / steps.
+    """
+    if name not in ATTACKS:
+        raise ValueError(f"unknown attack {name!r}; registered attacks: {', '.join(ATTACKS)}")
+    if mode not in ("train", "eval"):
+        raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+    fn = ATTACKS[name]
+    params = inspect.signature(fn).parameters
+    levels = getattr(sys.modules[fn.__module__], "LEVELS", None)
+    if name in LP:
+        base = {"eps": DEFAULT_EPS.get(dataset, DEFAULT_EPS["cifar10"])[name], **EVAL_STRENGTH[name]}
+    elif levels is not None:
+        if level not in levels:
+            raise ValueError(f"level {level!r}: {fn.__module__}.LEVELS has only {sorted(levels)}")
+        base = dict(levels[level])
+    elif level == "medium":     # an attack without LEVELS: its signature defaults are its CIFAR-10 "medium" setting
+        base = {k: params[k].default for k in ("eps", "steps", "step_size") if params.get(k, None) is not None
+                and params[k].default is not None}
+        base.update(EVAL_STRENGTH.get(name, {}))
+    else:
+        raise ValueError(f"level {level!r}: {fn.__module__} has no LEVELS table, only its defaults (medium)")
+    kw = dict(base)
+    if mode == "train":
+        kw.pop("sparsity", None)                  # APGD-l1 trains with its own (E-AT) sparsity default
+        n = TRAIN_STEPS if steps is None else int(steps)
+        kw["steps"] = n if name in LP else min(n, base["steps"])
+    elif steps:
+        kw["steps"] = min(int(steps), base["steps"])
+    if eps is not None:
+        kw["eps"] = float(eps)
+    if isinstance(base.get("step_size"), (int, float)) and kw["steps"] > 0 and base["eps"] > 0:
+        step = base["step_size"] * (kw["eps"] / base["eps"]) * (base["steps"] / kw["steps"])
+        kw["step_size"] = min(step, kw["eps"])   # README D8: relative to eps and steps, at most eps
+    return kw
 
 
 def registered(names):
@@ -104,5 +160,5 @@ def registered(names):
     return list(names)
 
 
-__all__ = ["ATTACKS", "ALL", "LP", "PERCEPTUAL", "SEMANTIC", "DEFAULT_EPS", "registered"] + list(ATTACKS)
-__all__ += ["autoattack"]   # AutoAttack runner: evaluation only, not an entry of ATTACKS (issue 5)
+__all__ = ["ATTACKS", "ALL", "LP", "PERCEPTUAL", "SEMANTIC", "DEFAULT_EPS", "EVAL_STRENGTH", "attack_settings", "registered"] + list(ATTACKS)
+__all__ += ["autoattack"]   # AutoAttack runner: evaluation only, not an entry of ATTACKS

@@ -40,7 +40,8 @@ import torch.nn.functional as F
 import attacks
 from attacks import ATTACKS
 
-# The benchmark's "core" attacks (reference semantic_attacks.md section 0; UA2 is their mean), the rest are "extra".
+# The benchmark's "core" attacks (the core group of eval.sh in centerforaisafety/adversarial-corruptions; UA2 is
+# their mean), the rest are "extra".
 CORE_SEMANTIC = ("wood", "elastic", "pixel", "snow", "gabor", "jpeg", "glitch", "kaleidoscope")
 LP_MEANING = {"linf": "||x_adv - x||_inf (pixels)", "l2": "||x_adv - x||_2 (pixels)", "l1": "||x_adv - x||_1 (pixels)"}
 

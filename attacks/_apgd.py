@@ -1,6 +1,7 @@
 """APGD (Croce & Hein, ICML 2020) with CE / DLR / targeted-DLR losses for l_inf, l_2 and l_1: AutoAttack's core.
 
-Private module of attacks/autoattack.py (reference: ../shared/reference/lp_ppgd_autoattack.md §2.2, §3).
+Private module of attacks/autoattack.py (reference: autoattack/autopgd_base.py of
+https://github.com/fra31/auto-attack).
 
 One run (`apgd_run`) from a starting point x0 inside the ball:
   l_inf / l_2:  z = P(x_k + eta * s(g)),  x_{k+1} = P(x_k + a (z - x_k) + (1 - a)(x_k - x_{k-1}))
@@ -9,7 +10,7 @@ One run (`apgd_run`) from a starting point x0 inside the ball:
                 interval shrinks by 3% down to 6%): halve where the loss increased in <= rho * interval of the
                 steps since the last checkpoint (rho = 0.75), or where the step was not halved last time and the
                 best loss did not improve; halved points restart from their best point and gradient.
-  l_1 ("Mind the box", §3): sparse step (top-k |g| coordinates, total l_1 length eta), no momentum, projection
+  l_1 ("Mind the box"): sparse step (top-k |g| coordinates, total l_1 length eta), no momentum, projection
                 onto the l_1 ball intersected with the [0,1] box; every max(int(0.04 N), 1) iterations the sparsity
                 becomes ||x_best - x||_0 / (1.5 d) and eta is reset to eps (restart from x_best) if ||.||_0 dropped
                 by more than 5%, else eta /= 1.5, clamped to [eps/10, eps]; initial sparsity 0.2, eta = eps.
@@ -121,8 +122,8 @@ def _sparse_step(grad, frac):
 
 
 def apgd_run(model, x, y, x0, *, eps, norm, n_iter, loss="ce", target=None):
-    """One APGD run from x0 (§2.2; l_1: §3). Returns (x_best, broken (B,), x_broken): best-loss point, whether some
-    iterate was misclassified, and the last misclassified iterate (= x0 where none was)."""
+    """One APGD run from x0 (the module docstring). Returns (x_best, broken (B,), x_broken): best-loss point, whether
+    some iterate was misclassified, and the last misclassified iterate (= x0 where none was)."""
     b, d = x.shape[0], x[0].numel()
     loss_fn = LOSS_FNS[loss]
     eps_b = torch.as_tensor(eps, device=x.device, dtype=x.dtype).reshape(-1).expand(b).reshape(b, 1, 1, 1)
@@ -145,9 +146,9 @@ def apgd_run(model, x, y, x0, *, eps, norm, n_iter, loss="ce", target=None):
     since_check = 0
 
     for i in range(n_iter):
-        if norm == "l1":                                            # §3: sparse step, no momentum
+        if norm == "l1":                                            # l_1: sparse step, no momentum
             x_adv = project(x, x_adv + step * _sparse_step(grad, frac), eps_b, norm)
-        else:                                                       # §2.2: step + momentum, projected twice
+        else:                                                       # step + momentum, projected twice
             a = MOMENTUM if i > 0 else 1.0
             if norm == "linf":
                 s = grad.sign()
@@ -166,7 +167,7 @@ def apgd_run(model, x, y, x0, *, eps, norm, n_iter, loss="ce", target=None):
         x_best[better], grad_best[better], loss_best[better] = x_adv[better], grad[better], cur_loss[better]
         since_check += 1
 
-        if norm == "l1" and since_check == l1_every:                # §3: adaptive sparsity and step size
+        if norm == "l1" and since_check == l1_every:                # l_1: adaptive sparsity and step size
             nnz = ((x_best - x).flatten(1) != 0).sum(1).to(x.dtype)
             restart = nnz / nnz_old < L1_RESTART_RATIO
             frac = nnz / d / L1_SHRINK
@@ -175,7 +176,7 @@ def apgd_run(model, x, y, x0, *, eps, norm, n_iter, loss="ce", target=None):
             nnz_old = nnz
             x_adv[restart], grad[restart] = x_best[restart], grad_best[restart]
             since_check = 0
-        elif norm != "l1" and since_check == interval:             # §2.2: checkpoint step halving
+        elif norm != "l1" and since_check == interval:             # checkpoint step halving
             recent = torch.stack(history[-interval - 1:])           # (interval + 1, B)
             # DEVIATION: the first checkpoint also counts the first step's increase over the starting loss --
             # AutoAttack compares it with an unset history entry; the intent ("loss increased") is kept.

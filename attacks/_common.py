@@ -154,7 +154,8 @@ def latent_pgd(model, x, y, latent, render, project, *, steps, step_size, direct
                step_rule="sign"):
     """PGD on a latent variable: latent <- project(latent + step_size * direction * step(grad)), then render.
 
-    The common optimisation framework of the unforeseen attacks (semantic_attacks reference, section 1):
+    The common optimisation framework of the unforeseen attacks (Kaufmann et al. 2023, every attack of
+    https://github.com/centerforaisafety/adversarial-corruptions/tree/main/attacks follows it):
     `render(latent) -> x_adv` is differentiable, `project(latent) -> latent` enforces the constraint.
     step_rule "sign" (l_inf-style) or "l2" (per-sample gradient normalised to unit l_2 norm).
     Gradients are taken with torch.autograd.grad w.r.t. the latent only (no parameter .grad is written).

@@ -1,6 +1,8 @@
 """A vectorised Canny-like edge detector (no hysteresis), shared by the `edge` and `texture` attacks.
 
-The reference (semantic_attacks reference, section 3.10) computes a thin edge mask of the CLEAN image:
+The reference (attacks/edge.py of Kaufmann et al.'s 2023 code,
+https://github.com/centerforaisafety/adversarial-corruptions/blob/main/attacks/edge.py)
+computes a thin edge mask of the CLEAN image:
   1. 3x3 Gaussian, sigma 1 on a [-1, 1] grid, normalised;
   2. 3x3 derivative kernels x / (x^2 + y^2): rows [-1/2, 0, 1/2], [-1, 0, 1], [-1/2, 0, 1/2] and the transpose,
      the two gradients averaged over the colour channels;
@@ -12,7 +14,7 @@ The mask is a constant of the attack: it is computed under no_grad, nothing is d
 Deviations from the reference:
   - Orientation from atan2 and an exact NMS against the two neighbours along the quantised gradient direction
     (the reference converts angles with 360/pi and its rotated diagonal kernels lose a tap, so diagonals are never
-    suppressed; section 3.10). The edge density therefore differs from the reference's (README: measured).
+    suppressed). The edge density therefore differs from the reference's (README: measured).
   - Replicate padding at the image border, so the image frame itself is not an edge.
   - An absolute floor MIN_MAGNITUDE on the magnitude, so that a flat image (whose maximum is rounding noise) has no
     edges instead of edges everywhere.
@@ -25,7 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-CANNY_THRESHOLD = 0.1   # normalised magnitude threshold of the reference (section 3.10, step 7)
+CANNY_THRESHOLD = 0.1   # normalised magnitude threshold of the reference (step 7 above)
 CANNY_SIGMA = 1.0       # 3x3 Gaussian, sigma 1 on the [-1, 1] grid (step 1)
 # absolute floor on the gradient magnitude: above float32 rounding on a flat image (~1e-8), far below the weakest
 # real 8-bit edge (a 1/255 step in one channel, averaged over 3 channels and smoothed: ~3e-4). Without it a flat

@@ -1,7 +1,8 @@
 """FAB-T: targeted Fast Adaptive Boundary attack (Croce & Hein, ICML 2020) for l_inf, l_2, l_1, as AutoAttack runs it.
 
-Private module of attacks/autoattack.py (reference: ../shared/reference/lp_ppgd_autoattack.md §2.1; constants are
-AutoAttack's FAB defaults: 100 iterations, alpha_max 0.1, eta 1.05, beta 0.9, 9 target classes, 1 restart).
+Private module of attacks/autoattack.py (reference: autoattack/fab_base.py and fab_pt.py of
+https://github.com/fra31/auto-attack; constants are AutoAttack's FAB defaults: 100 iterations, alpha_max 0.1,
+eta 1.05, beta 0.9, 9 target classes, 1 restart).
 
 FAB looks for a MINIMAL adversarial perturbation; AutoAttack counts a point as broken when the perturbation found
 is within eps. For target t (the k-th most likely clean class, k = 2..n_target+1), at the current iterate x_k:
@@ -27,7 +28,7 @@ Depends on: torch only (no package-internal import).
 
 import torch
 
-ALPHA_MAX, ETA, BETA = 0.1, 1.05, 0.9   # AutoAttack FAB defaults (§2.1)
+ALPHA_MAX, ETA, BETA = 0.1, 1.05, 0.9   # AutoAttack FAB defaults
 
 
 def _solve_capped(a, beta, c):

@@ -1,7 +1,8 @@
 """Square Attack (Andriushchenko et al., ECCV 2020): score-based random search, as AutoAttack runs it.
 
-Private module of attacks/autoattack.py (reference: ../shared/reference/lp_ppgd_autoattack.md §2.1: 5000 queries,
-p_init 0.8, margin loss, 1 restart, no rescaled schedule). Only forward passes (no gradients).
+Private module of attacks/autoattack.py (reference: autoattack/square.py of https://github.com/fra31/auto-attack,
+as the standard version runs it: 5000 queries, p_init 0.8, margin loss, 1 restart, no rescaled schedule).
+Only forward passes (no gradients).
 
 Loss: the margin m = z_y - max_{i != y} z_i (minimised); a point is broken once m <= 0, and only points with m > 0
 keep being queried. Each iteration proposes one change per point and keeps it if it lowers the margin.
@@ -21,9 +22,10 @@ Randomness: per-point draws have the shape of the FULL batch and are indexed by 
 point's trajectory does not depend on which other points are attacked.
 
 Deviations from the reference:
-  - l_1 proposal: the reference only names Square(L1) (added to AutoAttack in 2021) without its update rule; we use
-    the l_2 update with l_1 norms (budget eps - ||delta||_1 instead of sqrt(eps^2 - ||delta||_2^2)), and rescale to
-    ||delta||_1 = eps before clipping to the box (clipping is then the exact l_1-ball-and-box projection).
+  - l_1 proposal: our own l_1 transcription of the l_2 rule, not AutoAttack's Square-L1 branch (norm 'L1' in
+    autoattack/square.py, added in 2021, which differs in its details): the l_2 update with l_1 norms (budget
+    eps - ||delta||_1 instead of sqrt(eps^2 - ||delta||_2^2)), rescaled to ||delta||_1 = eps before clipping to the
+    box (clipping is then the exact l_1-ball-and-box projection).
     # DEVIATION tagged in _propose_l2_l1
 Depends on: torch only (no package-internal import).
 """
@@ -122,7 +124,7 @@ def _propose_l2_l1(x, x_best, eps, p, norm, signs, generator):
     new = pseudo_gaussian(s, norm, generator, x.device, x.dtype) * signs + delta[win1] / (1e-12 + norm_win1)
     if norm == "l2":
         budget = ((eps ** 2 - norm_image ** 2).clamp_min(0.0) / c + norm_union ** 2).sqrt()
-    else:   # DEVIATION: l_1 transcription of the l_2 rule (the reference gives no Square-L1 update rule)
+    else:   # DEVIATION: l_1 transcription of the l_2 rule (not AutoAttack's own Square-L1 update)
         budget = (eps - norm_image).clamp_min(0.0) / c + norm_union
     new = new / (_norm(new, norm, (2, 3)) + 1e-12) * budget
     delta = delta.clone()

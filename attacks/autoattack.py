@@ -3,26 +3,28 @@
     x_adv, robust = attacks.autoattack(model, x, y, norm="linf")            # eps = 8/255, standard version
     x_adv, robust = attacks.autoattack(model, x, y, norm="l1", version="apgd")   # APGD-CE + APGD-T only (E-AT)
 
-Reference: ../shared/reference/lp_ppgd_autoattack.md §2 (AutoAttack), §3 (APGD-l1, "Mind the box").
+Reference: https://github.com/fra31/auto-attack (autoattack/autoattack.py and its components); APGD-l1 as in
+Croce & Hein, ICML 2021, "Mind the box".
 Components (modules _apgd.py, _fab.py, _square.py) are run in AutoAttack's order, each only on the points that are
 still robust (correctly classified and not broken by an earlier component), each starting from the clean image.
 The result is the point-wise worst case: robust[i] is True iff x[i] is correctly classified and no component found
 a misclassified point within the eps-ball; x_adv[i] is the first such point found (x[i] where none was).
 A component's candidate is only accepted after the runner re-checks misclassification and the budget.
 
-Standard settings (§2.1, AutoAttack's set_version('standard')):
+Standard settings (AutoAttack's set_version('standard')):
   | norm     | APGD-CE                     | APGD-T (targeted DLR)              | FAB-T             | Square       |
   | linf, l2 | 100 it, 1 restart           | 100 it, 9 targets x 1 restart      | 100 it, 9 targets | 5000 queries |
   | l1       | 100 it, 5 restarts, 3e/2e/e | 100 it, 5 targets x 1, 3e/2e/e     | 100 it, 9 targets | 5000 queries |
-version='apgd': APGD-CE + APGD-T only, same per-norm settings (what E-AT reports, §1.4).
+version='apgd': APGD-CE + APGD-T only, same per-norm settings (what E-AT reports,
+https://github.com/fra31/robust-finetuning).
 Targets are capped at (number of classes - 1); APGD-T needs >= 4 classes, DLR >= 3 (ValueError below that).
 Default eps: the CIFAR-10 budgets of E-AT (linf 8/255, l2 0.5, l1 12).
 
 Seeding: each component gets a fresh local torch.Generator seeded with `seed` (AutoAttack reseeds every attack
 with the same seed); the global RNG is not touched. Deterministic on CPU. The model is used as it is (the caller
 puts it in eval mode; model.training is never changed) and no parameter .grad is written.
-Cost note: FAB-T and Square dominate on robust models (§2.4); on a 2-core CPU pass smaller n_iter / n_queries only
-for tests (the defaults are AutoAttack's).
+Cost note: FAB-T and Square dominate on robust models (https://github.com/fra31/auto-attack/issues/45); on a
+2-core CPU pass smaller n_iter / n_queries only for tests (the defaults are AutoAttack's).
 
 Deviations from the reference (details in each module): first APGD oscillation check uses the starting loss
 (_apgd.py); Square-L1 proposal is our l_1 transcription of the l_2 rule (_square.py); random draws are made
@@ -38,10 +40,11 @@ from attacks._common import check_inputs, lp_norm
 from attacks._fab import fab_targeted
 from attacks._square import square
 
-DEFAULT_EPS = {"linf": 8 / 255, "l2": 0.5, "l1": 12.0}   # CIFAR-10 budgets (E-AT eps_dict, §0)
+DEFAULT_EPS = {"linf": 8 / 255, "l2": 0.5, "l1": 12.0}   # CIFAR-10 budgets (E-AT's eps_dict)
 VERSIONS = {"standard": ("apgd-ce", "apgd-t", "fab-t", "square"), "apgd": ("apgd-ce", "apgd-t")}
 N_ITER, N_QUERIES = 100, 5000                              # AutoAttack defaults
-# per-norm standard settings (§2.1): APGD-CE restarts, APGD-T targets, large-eps schedule, FAB-T targets
+# per-norm standard settings (AutoAttack's set_version('standard')): APGD-CE restarts, APGD-T targets, large-eps
+# schedule, FAB-T targets
 SETTINGS = {
     "linf": {"ce_restarts": 1, "t_targets": 9, "large_eps": False, "fab_targets": 9},
     "l2": {"ce_restarts": 1, "t_targets": 9, "large_eps": False, "fab_targets": 9},
@@ -98,7 +101,7 @@ def autoattack(model, x, y, *, norm="linf", eps=None, version="standard", seed=0
     x = x.detach()
     with torch.no_grad():
         logits = model(x)
-    if logits.shape[1] < 4:   # every version runs APGD-T (targeted DLR, §2.4)
+    if logits.shape[1] < 4:   # every version runs APGD-T (targeted DLR needs >= 4 classes)
         raise ValueError(f"AutoAttack's APGD-T (targeted DLR loss) needs >= 4 classes, the model has "
                          f"{logits.shape[1]}")
     robust = logits.argmax(1) == y                      # misclassified clean points are never attacked

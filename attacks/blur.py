@@ -1,7 +1,8 @@
 """Blur: an adversarial per-pixel blend between the image and a heavily blurred copy of it.
 
 Reference: Kaufmann et al., "Testing Robustness Against Unforeseen Adversaries" (arXiv 1908.08016), 2023 code
-`attacks/blur.py`; described in shared/reference/semantic_attacks.md section 3.9 (defaults: section 2).
+https://github.com/centerforaisafety/adversarial-corruptions/blob/main/attacks/blur.py
+(CIFAR-10 defaults: eps from that repository's models/cifar10/cifar10_config.py, step size / steps from models.sh).
 
     latent   m (B, 1, H, W), the blend weight of every pixel
     render   x_b = G_17,25 * x   (Gaussian blur, kernel 17, sigma 25: nearly a 17x17 box; reflect padding)
@@ -9,7 +10,7 @@ Reference: Kaufmann et al., "Testing Robustness Against Unforeseen Adversaries" 
              x_adv = clamp(m~ * x_b + (1 - m~) * x, 0, 1)
     constraint  m in [0, eps] (clamp);  init U[0, eps];  step  m <- m + step_size * sign(grad)
 
-Defaults (CIFAR-10 "medium", section 2): eps 0.3, 20 steps, step size 0.015. LEVELS holds low/medium/high.
+Defaults (CIFAR-10 "medium"): eps 0.3, 20 steps, step size 0.015. LEVELS holds low/medium/high.
 Reach = 20 * 0.015 = 0.3, so at "high" (0.6) many pixels cannot reach eps from the init (reference property).
 eps = 0 gives m = 0, i.e. x exactly. eps may be a float or a (B,) tensor.
 
@@ -23,18 +24,18 @@ import torch
 
 from attacks._common import check_inputs, gaussian_blur, latent_pgd, per_sample
 
-LEVELS = {   # section 2: eps low/medium/high; step size and steps are the same at every level
+LEVELS = {   # the reference's CIFAR-10 eps low/medium/high; step size and steps are the same at every level
     "low": {"eps": 0.1, "steps": 20, "step_size": 0.015},
     "medium": {"eps": 0.3, "steps": 20, "step_size": 0.015},
     "high": {"eps": 0.6, "steps": 20, "step_size": 0.015},
 }
 EPS_MEANING = "per-pixel blend weight toward a heavily blurred copy, in [0, eps]"
-IMAGE_BLUR_SIGMA, IMAGE_BLUR_RADIUS = 25.0, 8     # kernel 17 (section 3.9)
+IMAGE_BLUR_SIGMA, IMAGE_BLUR_RADIUS = 25.0, 8     # kernel 17 (reference blur.py)
 WEIGHT_BLUR_SIGMA, WEIGHT_BLUR_RADIUS = 18.0, 4   # kernel 9
 
 
 def blur(model, x, y, *, eps=0.3, steps=20, step_size=0.015, direction=1, loss_fn=None, generator=None):
-    """Blur attack: x_adv = m~ * blur(x) + (1 - m~) * x with a smoothed blend map m in [0, eps] (section 3.9)."""
+    """Blur attack: x_adv = m~ * blur(x) + (1 - m~) * x with a smoothed blend map m in [0, eps] (reference blur.py)."""
     check_inputs(x, y, eps)
     if int(steps) != steps or steps < 0:
         raise ValueError(f"steps must be an integer >= 0, got {steps!r}")

@@ -1,6 +1,7 @@
 """Elastic attack: a smooth, low-resolution flow field warps the image (Kaufmann et al. 2023, "Testing Robustness
-Against Unforeseen Adversaries", arXiv 1908.08016; reference centerforaisafety/adversarial-corruptions
-attacks/elastic.py, described in shared/reference/semantic_attacks.md section 3.2).
+Against Unforeseen Adversaries", arXiv 1908.08016; reference code
+https://github.com/centerforaisafety/adversarial-corruptions/blob/main/attacks/elastic.py, whose CIFAR-10 levels take
+eps from models/cifar10/cifar10_config.py and step size / steps from models.sh).
 
 Latent:  a flow f (B, 2, ceil(H/s), ceil(W/s)), s = upsample_factor (CIFAR 2 -> 16 x 16), in grid_sample units
          (the image spans [-1, 1]); channel 0 moves along x (columns), channel 1 along y (rows).
@@ -11,11 +12,11 @@ Constraint: ||f||_2 <= eps per example over all 2 * (H/s) * (W/s) values (CIFAR:
 Init:    f ~ U[-1, 1], then projected onto the l_2 ball: a random direction with norm eps (the raw norm is larger).
 Step:    f <- P_{||.||_2 <= eps}(f + step_size * direction * sign(grad_f))          (latent_pgd, step_rule "sign")
 
-Defaults: the CIFAR-10 "medium" level of the reference (section 2): eps 0.25, steps 30, step_size 0.006,
+Defaults: the CIFAR-10 "medium" level of the reference: eps 0.25, steps 30, step_size 0.006,
 upsample factor 2. LEVELS holds low / medium / high (only eps changes between levels).
 
 Deviations from the reference:
-- Consistent sampling grid (reference quirk 5.3a): the reference builds its identity grid with linspace(-1, 1) but
+- Consistent sampling grid: the reference builds its identity grid with linspace(-1, 1) but
   samples with align_corners=False, so even a zero flow halves the border pixels (dark frame, quarter-bright
   corners). Here the grid and grid_sample both use align_corners=True (attacks._common.warp, run in float64 so
   the identity holds to float32 precision): a zero flow returns x exactly. One grid unit is therefore
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 
 from attacks._common import check_inputs, latent_pgd, per_sample, project_l2, warp
 
-# CIFAR-10 levels (reference section 2: eps from cifar10_config.py, step size / steps from models.sh)
+# CIFAR-10 levels of the reference (eps: models/cifar10/cifar10_config.py; step size / steps: models.sh)
 LEVELS = {
     "low": {"eps": 0.1, "steps": 30, "step_size": 0.006},
     "medium": {"eps": 0.25, "steps": 30, "step_size": 0.006},

@@ -1,7 +1,8 @@
 """Fog: an adversarial diamond-square (plasma fractal) fog map blended over the image.
 
 Reference: Kaufmann et al., "Testing Robustness Against Unforeseen Adversaries" (arXiv 1908.08016), 2023 code
-`attacks/fog.py`; described in shared/reference/semantic_attacks.md section 3.11 (defaults: section 2).
+https://github.com/centerforaisafety/adversarial-corruptions/blob/main/attacks/fog.py
+(CIFAR-10 defaults: eps from that repository's models/cifar10/cifar10_config.py, step size / steps from models.sh).
 
     latent   displacements v: for every level i = 0 .. log2(S) - 1 (S = image size rounded up to a power of two,
              CIFAR: 32, 5 levels) three sets of 2^i x 2^i values (square centres, two diamond sets);
@@ -14,7 +15,7 @@ Reference: Kaufmann et al., "Testing Robustness Against Unforeseen Adversaries" 
              g = (0.485, 0.45, 0.406) (roughly the ImageNet mean colour)
     constraint  v in [-eps, eps] (clamp);  init U[0, eps];  step  v <- v + step_size * sign(grad)
 
-Defaults (CIFAR-10 "medium", section 2): eps 0.4, 40 steps, step size 0.05, wibble decay 3.
+Defaults (CIFAR-10 "medium"): eps 0.4, 40 steps, step size 0.05, wibble decay 3.
 LEVELS holds low/medium/high. eps = 0 gives a zero map, i.e. x exactly. eps may be a float or a (B,) tensor.
 For one channel (C != 3) the grey is the mean of g.
 
@@ -30,14 +31,14 @@ import torch
 
 from attacks._common import check_inputs, latent_pgd, per_sample, project_linf
 
-LEVELS = {   # section 2: eps low/medium/high; step size and steps are the same at every level
+LEVELS = {   # the reference's CIFAR-10 eps low/medium/high; step size and steps are the same at every level
     "low": {"eps": 0.3, "steps": 40, "step_size": 0.05},
     "medium": {"eps": 0.4, "steps": 40, "step_size": 0.05},
     "high": {"eps": 0.5, "steps": 40, "step_size": 0.05},
 }
 EPS_MEANING = "l_inf on the diamond-square displacements (fog intensity units)"
-FOG_COLOUR = (0.485, 0.45, 0.406)   # section 3.11
-WIBBLE_DECAY = 3.0                  # w_i = w_{i-1} / 3 (section 3.11)
+FOG_COLOUR = (0.485, 0.45, 0.406)   # reference fog.py
+WIBBLE_DECAY = 3.0                  # w_i = w_{i-1} / 3 (reference fog.py)
 
 
 def fog_levels(h: int, w: int) -> int:

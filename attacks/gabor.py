@@ -1,7 +1,7 @@
 """Gabor attack: sparse impulses convolved with a Gabor kernel give a striped, plaid-like noise (Kaufmann et al.
-2023, "Testing Robustness Against Unforeseen Adversaries", arXiv 1908.08016; reference
-centerforaisafety/adversarial-corruptions attacks/gabor.py, described in shared/reference/semantic_attacks.md
-section 3.5).
+2023, "Testing Robustness Against Unforeseen Adversaries", arXiv 1908.08016; reference code
+https://github.com/centerforaisafety/adversarial-corruptions/blob/main/attacks/gabor.py, whose CIFAR-10 levels take
+eps from models/cifar10/cifar10_config.py and step size / steps from models.sh).
 
 Fixed random structure (drawn once per call): a sparse mask (B, C, H, W), Bernoulli(density) per entry
          (density 0.1; the reference draws the same distribution with scipy.sparse.random on the CPU).
@@ -10,7 +10,7 @@ Kernel:  on a k x k grid with coordinates in [-0.5, 0.5] (k = kernel_size 23),
          G = K(theta) + sum_{i=1..S-1} K(theta + i pi / S) / S                         (S = sides 3, sigma 3)
          theta ~ U(0, pi), gamma ~ U(3, k/4): one pair for the whole batch.
          Here one kernel is drawn per call (like all random structure); redraw_kernel=True re-draws it at every
-         PGD step and again for the returned image, as the reference does (quirk 5.3b; see the deviation below).
+         PGD step and again for the returned image, as the reference does (see the deviation below).
 Latent:  sparse values g (B, C, H, W); only masked entries are ever non-zero.
 Render:  noise_c = conv2d(g_c * mask_c, G) with "same" padding, the same kernel for every image and channel
          (all B * C maps at once, via FFTs; the reference loops over channels); NO normalisation;
@@ -19,18 +19,18 @@ Constraint: ||g||_inf <= eps per example.
 Init:    every masked entry = eps * u, u ~ U(0, 1).
 Step:    g <- clamp(g + step_size * direction * sign(grad_g), -eps, eps)         (latent_pgd, step_rule "sign")
 
-Defaults: the CIFAR-10 "medium" level of the reference (section 2): eps 0.03, steps 80, step_size 0.0025, kernel 23,
+Defaults: the CIFAR-10 "medium" level of the reference: eps 0.03, steps 80, step_size 0.0025, kernel 23,
 3 sides, sigma 3, density 0.1. LEVELS holds low / medium / high (only eps changes between levels).
 About 53 masked entries fall under one 23 x 23 window, so the noise can reach O(1): Gabor is very visible on CIFAR.
 
 Deviations from the reference:
 - One kernel per call by default (redraw_kernel=False). The reference re-draws theta and gamma at every step and
-  for the output (quirk 5.3b; a deliberate decorrelation there), so the returned image is convolved with a kernel
+  for the output (a deliberate decorrelation, per its comment), so the returned image is convolved with a kernel
   the optimisation never saw. Measured on the CPU-scale robust model (first 500 of the 1017 CIFAR-10 test
   images, width-16 l_inf model): re-drawing gives 37.2% accuracy vs 37.4% at the random start (the attack does
-  nothing), one kernel per call gives 7.6%. The issue requires each attack to beat its random start, so the
+  nothing), one kernel per call gives 7.6%. An attack should beat its own random start, so the
   default draws once; redraw_kernel=True reproduces the reference.
-- The init scale u is drawn per example (reference quirk 5.3l: one scalar for the whole batch), so an example's
+- The init scale u is drawn per example (the reference draws one scalar for the whole batch), so an example's
   attack does not depend on which other examples share its batch.
 - The mask is an i.i.d. Bernoulli(density) draw per entry (scipy.sparse.random fixes the number of non-zeros to
   round(density * n); same expected density).
@@ -47,7 +47,7 @@ import torch
 
 from attacks._common import check_inputs, latent_pgd, per_sample
 
-# CIFAR-10 levels (reference section 2: eps from cifar10_config.py, step size / steps from models.sh)
+# CIFAR-10 levels of the reference (eps: models/cifar10/cifar10_config.py; step size / steps: models.sh)
 LEVELS = {
     "low": {"eps": 0.02, "steps": 80, "step_size": 0.0025},
     "medium": {"eps": 0.03, "steps": 80, "step_size": 0.0025},

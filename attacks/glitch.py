@@ -1,7 +1,7 @@
 """Glitch attack: horizontal bands of each colour channel slide sideways, like a torn video signal (Kaufmann et al.
-2023, "Testing Robustness Against Unforeseen Adversaries", arXiv 1908.08016; reference
-centerforaisafety/adversarial-corruptions attacks/glitch.py, described in shared/reference/semantic_attacks.md
-section 3.7).
+2023, "Testing Robustness Against Unforeseen Adversaries", arXiv 1908.08016; reference code
+https://github.com/centerforaisafety/adversarial-corruptions/blob/main/attacks/glitch.py, whose CIFAR-10 levels take
+eps from models/cifar10/cifar10_config.py and step size / steps from models.sh).
 
 Latent:  shifts v (B, C, L), one horizontal shift per (image, colour channel, horizontal band), L = num_lines
          (CIFAR 16 -> bands of 2 rows), in grid_sample units (the image spans [-1, 1]).
@@ -13,11 +13,11 @@ Constraint: ||v||_inf <= eps per example.
 Init:    v ~ U[0, eps] (one-sided, as the reference).
 Step:    v <- clamp(v + step_size * direction * sign(grad_v), -eps, eps)          (latent_pgd, step_rule "sign")
 
-Defaults: the CIFAR-10 "medium" level of the reference (section 2): eps 0.05 (about 0.8 px), steps 60,
+Defaults: the CIFAR-10 "medium" level of the reference: eps 0.05 (about 0.8 px), steps 60,
 step_size 0.0025, 16 lines, grey strength 0. LEVELS holds low / medium / high (only eps changes).
 
 Deviations from the reference:
-- Consistent sampling grid (reference quirk 5.3, half-pixel grids): the reference's identity grid 2i/W - 1 under
+- Consistent sampling grid (the reference's grid is half-pixel shifted): the reference's identity grid 2i/W - 1 under
   align_corners=False shifts every channel by half a pixel left and up even at zero shift (a slight blur).
   Here the grid and grid_sample both use align_corners=True (in float64): zero shifts return x exactly, and one
   grid unit is (W - 1) / 2 px instead of W / 2 px.
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from attacks._common import check_inputs, identity_grid, latent_pgd, per_sample
 
-# CIFAR-10 levels (reference section 2: eps from cifar10_config.py, step size / steps from models.sh)
+# CIFAR-10 levels of the reference (eps: models/cifar10/cifar10_config.py; step size / steps: models.sh)
 LEVELS = {
     "low": {"eps": 0.03, "steps": 60, "step_size": 0.0025},
     "medium": {"eps": 0.05, "steps": 60, "step_size": 0.0025},

@@ -1,7 +1,8 @@
 """HSV: smooth adversarial per-pixel offsets of hue, saturation and value.
 
 Reference: Kaufmann et al., "Testing Robustness Against Unforeseen Adversaries" (arXiv 1908.08016), 2023 code
-`attacks/hsv.py`; described in shared/reference/semantic_attacks.md section 3.17 (defaults: section 2).
+https://github.com/centerforaisafety/adversarial-corruptions/blob/main/attacks/hsv.py
+(CIFAR-10 defaults: eps from that repository's models/cifar10/cifar10_config.py, step size / steps from models.sh).
 
     latent   offsets o (B, 3, H, W) for the H, S and V channels
     render   o~ = Gaussian blur of o (kernel 3, sigma 3: nearly a 3x3 box; reflect padding)
@@ -11,7 +12,7 @@ Reference: Kaufmann et al., "Testing Robustness Against Unforeseen Adversaries" 
              (sector = floor(6 h) mod 6), piecewise linear, so autograd gives its a.e. gradient
     constraint o in [-eps, eps] (clamp);  init U[0, eps];  step  o <- o + step_size * sign(grad)
 
-Defaults (CIFAR-10 "medium", section 2): eps 0.02, 20 steps, step size 0.003. LEVELS holds low/medium/high.
+Defaults (CIFAR-10 "medium"): eps 0.02, 20 steps, step size 0.003. LEVELS holds low/medium/high.
 eps = 0 gives hsv_to_rgb(rgb_to_hsv(x)) = x (to float rounding). eps may be a float or a (B,) tensor.
 Needs C = 3 (RGB).
 
@@ -24,13 +25,13 @@ import torch
 
 from attacks._common import check_inputs, gaussian_blur, latent_pgd, per_sample, project_linf
 
-LEVELS = {   # section 2: eps low/medium/high; step size and steps are the same at every level
+LEVELS = {   # the reference's CIFAR-10 eps low/medium/high; step size and steps are the same at every level
     "low": {"eps": 0.01, "steps": 20, "step_size": 0.003},
     "medium": {"eps": 0.02, "steps": 20, "step_size": 0.003},
     "high": {"eps": 0.03, "steps": 20, "step_size": 0.003},
 }
 EPS_MEANING = "l_inf on per-pixel H, S, V offsets (before the 3x3 smoothing)"
-SMOOTH_SIGMA, SMOOTH_RADIUS = 3.0, 1   # kernel 3, sigma 3 (section 3.17)
+SMOOTH_SIGMA, SMOOTH_RADIUS = 3.0, 1   # kernel 3, sigma 3 (reference hsv.py)
 
 # 6-sector formula: (R, G, B) of sector i as indices into (v, p, q, t)
 #   0: (v, t, p)  1: (q, v, p)  2: (p, v, t)  3: (p, q, v)  4: (t, p, v)  5: (v, p, q)
@@ -66,7 +67,7 @@ def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
 
 
 def hsv(model, x, y, *, eps=0.02, steps=20, step_size=0.003, direction=1, loss_fn=None, generator=None):
-    """HSV attack: add Gaussian-smoothed offsets in [-eps, eps] to the H, S, V channels of x (section 3.17)."""
+    """HSV attack: add Gaussian-smoothed offsets in [-eps, eps] to the H, S, V channels of x (reference hsv.py)."""
     check_inputs(x, y, eps)
     if int(steps) != steps or steps < 0:
         raise ValueError(f"steps must be an integer >= 0, got {steps!r}")

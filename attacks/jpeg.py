@@ -1,19 +1,19 @@
 """JPEG attack: perturb the 8 x 8 block-DCT coefficients of the YCbCr image, giving blocky JPEG-like artefacts
-(Kaufmann et al. 2023, "Testing Robustness Against Unforeseen Adversaries", arXiv 1908.08016; reference
-centerforaisafety/adversarial-corruptions attacks/jpeg.py, described in shared/reference/semantic_attacks.md
-section 3.6).
+(Kaufmann et al. 2023, "Testing Robustness Against Unforeseen Adversaries", arXiv 1908.08016; reference code
+https://github.com/centerforaisafety/adversarial-corruptions/blob/main/attacks/jpeg.py, whose CIFAR-10 levels take
+eps from models/cifar10/cifar10_config.py and step size / steps from models.sh).
 
 Latent:  q (B, 3, H/8, W/8, 8, 8): additive offsets to the block-DCT coefficients of Y, Cb and Cr (no chroma
          subsampling), in units of 1/255 of the coefficient scale (eps = 3/255 = 3 grey levels per coefficient).
 Render:  z = YCbCr(255 x) (JPEG full-range matrix, +128 on Cb and Cr); split into 8 x 8 blocks, subtract 128;
          c = D z D^T (orthonormal DCT-II); c <- c + 255 q; z = D^T c D + 128; x_adv = clamp(RGB(z) / 255, 0, 1).
-         There is NO quantisation in the 2023 reference (quirk 5.3i, kept): the map is affine up to the clamp.
+         There is NO quantisation in the 2023 reference (kept): the map is affine up to the clamp.
          The DCT is an 8 x 8 matrix applied on both sides (the reference uses an FFT-based DCT; same transform).
 Constraint: ||q||_inf <= eps per example.
 Init:    q ~ U[0, eps] (one-sided, as the reference).
 Step:    q <- clamp(q + step_size * direction * sign(grad_q), -eps, eps)          (latent_pgd, step_rule "sign")
 
-Defaults: the CIFAR-10 "medium" level of the reference (section 2): eps 3/255, steps 50, step_size 0.0024.
+Defaults: the CIFAR-10 "medium" level of the reference: eps 3/255, steps 50, step_size 0.0024.
 LEVELS holds low / medium / high (only eps changes between levels).
 
 Deviations from the reference:
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from attacks._common import check_inputs, latent_pgd, per_sample
 
-# CIFAR-10 levels (reference section 2: eps from cifar10_config.py, step size / steps from models.sh)
+# CIFAR-10 levels of the reference (eps: models/cifar10/cifar10_config.py; step size / steps: models.sh)
 LEVELS = {
     "low": {"eps": 1 / 255, "steps": 50, "step_size": 0.0024},
     "medium": {"eps": 3 / 255, "steps": 50, "step_size": 0.0024},

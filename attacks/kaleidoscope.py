@@ -1,6 +1,7 @@
 """Kaleidoscope attack: bright translucent coloured shapes with dark outlines (Kaufmann et al. 2023, "Testing
-Robustness Against Unforeseen Adversaries", arXiv 1908.08016; reference centerforaisafety/adversarial-corruptions
-attacks/kaleidoscope.py, described in shared/reference/semantic_attacks.md section 3.8).
+Robustness Against Unforeseen Adversaries", arXiv 1908.08016; reference code
+https://github.com/centerforaisafety/adversarial-corruptions/blob/main/attacks/kaleidoscope.py, whose CIFAR-10
+levels take eps from models/cifar10/cifar10_config.py and step size / steps from models.sh).
 
 Fixed random structure per image (drawn once per call, for the whole batch at once):
   N shapes (CIFAR 5), each uniformly a circle (radius size/2), an equilateral triangle (edge
@@ -16,17 +17,18 @@ Constraint: ||c||_inf <= eps and ||e||_inf <= eps per example (outlines are near
 Init:    c ~ U[-eps, eps], e ~ U[0, eps].
 Step:    (c, e) <- clamp((c, e) + step_size * direction * sign(grad), -eps, eps)    (latent_pgd, "sign")
 
-Defaults: the CIFAR-10 "medium" level of the reference (section 2): eps 0.1, steps 30, step_size 0.005, 5 shapes,
+Defaults: the CIFAR-10 "medium" level of the reference: eps 0.1, steps 30, step_size 0.005, 5 shapes,
 size 4, transparency 0.2, min value 0.8, min saturation 0.7, edge width 5. LEVELS holds low / medium / high.
 
 Deviations from the reference:
-- eps = 0 returns x exactly (project rule, reference section 5 item 3): the reference paints the shapes at any eps.
+- eps = 0 returns x exactly (attack contract, README.md): the reference paints the shapes at any eps.
   Here an example with eps = 0 is returned unchanged; examples with eps > 0 get the shapes as in the reference.
 - Shapes are rasterised analytically on the pixel grid (circle: distance test; triangle / square: three / four
   half-plane tests in the rotated frame), all images and shapes at once; edge rings by max-pool dilation, edge
   zeroing by torch.where. The reference fills shapes with a Python scan-line loop whose triangle / square
-  routines swap row and column and can fill whole rows; the reference note calls any reasonable rasteriser a
-  faithful-enough substitute. Pixel (i, j) has coordinates (row i, column j); centres are uniform in [0, H) x [0, W).
+  routines swap row and column and can fill whole rows; that only changes what the random shapes look like, so
+  any reasonable rasteriser is a faithful-enough substitute. Pixel (i, j) has coordinates (row i, column j);
+  centres are uniform in [0, H) x [0, W).
 
 eps may be a float or a per-example (B,) tensor; direction +1 (maximise the loss) or -1, or a (B,) tensor.
 generator (if given) must live on x's device.
@@ -41,7 +43,7 @@ import torch.nn.functional as F
 
 from attacks._common import check_inputs, latent_pgd, per_sample
 
-# CIFAR-10 levels (reference section 2: eps from cifar10_config.py, step size / steps from models.sh)
+# CIFAR-10 levels of the reference (eps: models/cifar10/cifar10_config.py; step size / steps: models.sh)
 LEVELS = {
     "low": {"eps": 0.05, "steps": 30, "step_size": 0.005},
     "medium": {"eps": 0.1, "steps": 30, "step_size": 0.005},
@@ -147,5 +149,5 @@ def kaleidoscope(model, x, y, *, eps=0.1, steps=30, step_size=0.005, num_shapes=
 
     x_adv = latent_pgd(model, x, y, latent, draw, project, steps=int(steps), step_size=step_size,
                        direction=direction, loss_fn=loss_fn, step_rule="sign")
-    # DEVIATION: eps = 0 returns x (the reference paints the shapes at any eps) -- project rule, reference 5.3
+    # DEVIATION: eps = 0 returns x (the reference paints the shapes at any eps) -- the attack contract (README.md)
     return torch.where(per_sample(eps, x) > 0, x_adv, x)

@@ -1,7 +1,8 @@
 """Klotski: the image is cut into a grid of blocks and every block slides by its own adversarial translation.
 
 Reference: Kaufmann et al., "Testing Robustness Against Unforeseen Adversaries" (arXiv 1908.08016), 2023 code
-`attacks/klotski.py`; described in shared/reference/semantic_attacks.md section 3.16 (defaults: section 2).
+https://github.com/centerforaisafety/adversarial-corruptions/blob/main/attacks/klotski.py
+(CIFAR-10 defaults: eps from that repository's models/cifar10/cifar10_config.py, step size / steps from models.sh).
 
     latent     t (B, n, n, 2), one (x, y) translation per block in grid_sample units (n = 8: 4x4-px blocks on
                CIFAR; 1 unit = half the image width)
@@ -10,13 +11,13 @@ Reference: Kaufmann et al., "Testing Robustness Against Unforeseen Adversaries" 
     constraint t in [-eps, eps] (clamp);  init U[0, eps] (one-sided, as the reference);
                step  t <- t + step_size * sign(grad)
 
-Defaults (CIFAR-10 "medium", section 2, linf variant of the config): eps 0.05, 50 steps, step size 0.005.
+Defaults (CIFAR-10 "medium", linf variant of the config): eps 0.05, 50 steps, step size 0.005.
 LEVELS holds low/medium/high. eps = 0 is zero translation, i.e. x. eps may be a float or a (B,) tensor.
 When H or W is not a multiple of n, pixel row i belongs to block floor(i n / H) (blocks differ by one pixel).
 
 Deviations from the reference:
   - Identity grid with align_corners=True (attacks._common.warp) instead of the half-pixel-shifted 2i/W - 1 grid
-    (section 5.3: consistent sampling grids, zero translation is the identity). One unit is then (W - 1)/2 px
+    (consistent sampling grids: zero translation is the identity). One unit is then (W - 1)/2 px
     (15.5 px on CIFAR) instead of W/2 (16 px).
   - Only the linf constraint of the CIFAR config is implemented (the reference's l2 option is not).
 
@@ -27,13 +28,13 @@ import torch
 
 from attacks._common import check_inputs, latent_pgd, per_sample, project_linf, warp
 
-LEVELS = {   # section 2: eps low/medium/high; step size and steps are the same at every level
+LEVELS = {   # the reference's CIFAR-10 eps low/medium/high; step size and steps are the same at every level
     "low": {"eps": 0.03, "steps": 50, "step_size": 0.005},
     "medium": {"eps": 0.05, "steps": 50, "step_size": 0.005},
     "high": {"eps": 0.1, "steps": 50, "step_size": 0.005},
 }
 EPS_MEANING = "l_inf on per-block translations (grid_sample units, image spans [-1, 1])"
-NUM_BLOCKS = 8   # n x n blocks (section 3.16)
+NUM_BLOCKS = 8   # n x n blocks (reference klotski.py)
 
 
 def block_flow(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -46,7 +47,7 @@ def block_flow(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 def klotski(model, x, y, *, eps=0.05, steps=50, step_size=0.005, direction=1, loss_fn=None, generator=None,
             num_blocks=NUM_BLOCKS):
-    """Klotski attack: slide each of n x n blocks by a translation in [-eps, eps]^2 (section 3.16)."""
+    """Klotski attack: slide each of n x n blocks by a translation in [-eps, eps]^2 (reference klotski.py)."""
     check_inputs(x, y, eps)
     if int(steps) != steps or steps < 0:
         raise ValueError(f"steps must be an integer >= 0, got {steps!r}")

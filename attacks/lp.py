@@ -8,7 +8,8 @@ All three take eps as a float or a per-sample (B,) tensor, `direction` +1 (adver
 Defaults are the CIFAR-10 budgets of E-AT: eps_inf = 8/255, eps_2 = 0.5, eps_1 = 12 (CAS Section 5.1).
 
 - linf / l2 return the LAST PGD iterate (Madry's PGD), step rule sign(g) / g/||g||_2,
-  default step size 2.5 * eps / steps (Madry et al.'s rule, also CAS spec "training-time strength").
+  default step size 2.5 * eps / steps (Madry et al.'s rule; also cas.py's training-time attack strength,
+  README.md, cas.py "Implementation details" item 8).
 - l1 returns the iterate with the best objective (APGD returns its best point); sparse top-k step with
   adaptive sparsity and the exact projection onto the l1 ball intersected with the [0,1] box.
 """

@@ -1,11 +1,12 @@
 """ppgd: Perceptual PGD (Laidlaw, Singla & Feizi, ICLR 2021, "Perceptual Adversarial Robustness"), LPIPS-bounded.
 
-Reference: ../shared/reference/lp_ppgd_autoattack.md §4 (upstream: cassidylaidlaw/perceptual-advex,
-PerceptualPGDAttack with FirstOrderStepPerceptualAttack and the Newton projection).
+Reference (upstream): https://github.com/cassidylaidlaw/perceptual-advex, perceptual_advex/perceptual_attacks.py
+(PerceptualPGDAttack with FirstOrderStepPerceptualAttack and the Newton projection).
 
-Distance (§4.1): phi(x) = concatenation over the feature maps f_l of f_l normalised to unit l_2 norm over channels at
-every spatial position (+1e-10), divided by sqrt(H_l W_l) and flattened; d(x, x') = ||phi(x) - phi(x')||_2, i.e. the
-square root of the UN-weighted LPIPS (no learned channel weights). The budget eps bounds d(x, x_adv).
+Distance (upstream's "LPIPS"): phi(x) = concatenation over the feature maps f_l of f_l normalised to unit l_2 norm
+over channels at every spatial position (+1e-10), divided by sqrt(H_l W_l) and flattened;
+d(x, x') = ||phi(x) - phi(x')||_2, i.e. the square root of the UN-weighted LPIPS (no learned channel weights).
+The budget eps bounds d(x, x_adv).
 Feature network (`lpips_net`):
   - "self" (default, self-bounded PAT): the attacked model's own `model.features(x) -> [layer1, .., layer4 outputs]`
     (our PreActResNet-18 exposes it). The distance then changes with the checkpoint, so "PPGD eps=0.5" accuracies
@@ -14,8 +15,8 @@ Feature network (`lpips_net`):
     the initial pre-trained model, or a CIFAR AlexNet trained by us) gives one distance for every checkpoint; the
     paper's CIFAR-10 evaluation uses a CIFAR AlexNet ("alexnet_cifar", weights not available offline). Never
     downloads anything.
-Objective (§4.2): margin loss m = min(max_{i != y} z_i - z_y, kappa), kappa = 1 (or loss_fn(logits, y) if given),
-multiplied by `direction` and maximised.
+Objective (upstream's MarginLoss): margin loss m = min(max_{i != y} z_i - z_y, kappa), kappa = 1 (or
+loss_fn(logits, y) if given), multiplied by `direction` and maximised.
 Step: at the current point x_k, with J = d phi / dx at x_k and g = grad of the objective, solve (J^T J) v = g with
 `cg_iters` conjugate-gradient iterations (a point stops once its residual^2 < 0.1), then
 x_{k+1} = clip(x_k + lam v, 0, 1) with lam = step_size / ||J v|| (a step of length step_size in the perceptual
@@ -29,17 +30,16 @@ Projection onto {d(x, .) <= eps} after every step (and after the start): up to 1
 x' <- clip(x' - (d - eps + 0.1) * 1.1 * grad d / ||grad d||^2, 0, 1) on the points still outside (0.1 overshoot, as
 upstream); points still outside afterwards fall back to 10 bisection steps on the segment [x, x'_unprojected]
 (the largest feasible fraction is kept), so every output satisfies d(x, x_adv) <= eps.
-Start: x + N(0, 1e-4^2) (upstream's default start; the reference's 0.01 is upstream's `random_start=True`), clipped.
-Defaults: eps (bound) 0.5, step_size 2 eps / steps, cg_iters 5, h 1e-3, kappa 1 (§0, §4.2). steps = 10 is the
-cheaper TRAINING setting (self-bounded PAT trains with 10 iterations); use steps=40 for evaluation (the paper's
-CIFAR-10 setting).
+Start: x + N(0, 1e-4^2), clipped (upstream PerceptualPGDAttack starts from x + N(0, 0.01^2); see the deviations).
+Defaults: eps (bound) 0.5, step_size 2 eps / steps, cg_iters 5, h 1e-3, kappa 1 (upstream's defaults).
+steps = 10 is the cheaper TRAINING setting (self-bounded PAT trains with 10 iterations); use steps=40 for evaluation
+(the paper's CIFAR-10 setting).
 Cost per iteration (B images): 1 forward+backward of the model, 1 forward of phi with graph, per CG iteration one
 phi forward (finite difference) + one backward through phi, 1 phi forward for lam, and 1-10 phi forward+backward in
 the projection (see README for measured ratios).
 
 Deviations from the reference:
-  - start noise std 1e-4 (upstream PerceptualPGDAttack's default) instead of the reference note's 0.01 (upstream's
-    optional random_start); see START_STD.
+  - start noise std 1e-4 instead of upstream PerceptualPGDAttack's 0.01; see START_STD.
   - finite difference along the unit direction v / ||v|| (rescaled by ||v||) instead of along v itself -- keeps the
     probe at a fixed size h whatever the scale of v.  # DEVIATION tagged in _jvp_fd
   - the start is clipped to [0, 1] (upstream leaves it outside the box until the first step) -- the model only ever
@@ -57,11 +57,11 @@ import torch
 from attacks._common import check_inputs, per_sample
 
 LPIPS_NORM_EPS = 1e-10      # added to the channel norm (upstream normalize_flatten_features)
-FD_H = 1e-3                 # finite-difference step h (§4.2)
-CG_TOL = 0.1                # CG stops when the squared residual is below this (§4.2)
-GRAD_TOL = 1e-4             # points with ||grad|| below this are left unchanged (§4.2)
-START_STD = 1e-4            # DEVIATION: std of the Gaussian start -- upstream default (reference note: 0.01)
-NEWTON_ITERS, OVERSHOOT, BISECT_ITERS = 10, 0.1, 10   # projection (§4.2)
+FD_H = 1e-3                 # finite-difference step h (upstream)
+CG_TOL = 0.1                # CG stops when the squared residual is below this (upstream)
+GRAD_TOL = 1e-4             # points with ||grad|| below this are left unchanged (upstream)
+START_STD = 1e-4            # DEVIATION: std of the Gaussian start (upstream PerceptualPGDAttack: 0.01)
+NEWTON_ITERS, OVERSHOOT, BISECT_ITERS = 10, 0.1, 10   # projection (upstream)
 KAPPA = 1.0                 # margin-loss cap
 
 
@@ -93,7 +93,7 @@ def lpips_features(phi, x):
 
 
 def lpips_distance(phi, x1, x2):
-    """Square-rooted un-weighted LPIPS distance (B,) between x1 and x2 with feature network phi (§4.1)."""
+    """Square-rooted un-weighted LPIPS distance (B,) between x1 and x2 with feature network phi (upstream's "LPIPS")."""
     return (lpips_features(phi, x1) - lpips_features(phi, x2)).norm(dim=1)
 
 
@@ -141,7 +141,7 @@ def _solve_cg(jtj, g, iters):
 
 
 def _first_order_step(model, phi, x_adv, y, step_b, dirn, loss_fn, kappa, cg_iters):
-    """One PPGD step from x_adv: solve (J^T J) v = grad with CG, move by a perceptual length step_b (§4.2)."""
+    """One PPGD step from x_adv: solve (J^T J) v = grad with CG, move by a perceptual length step_b (upstream)."""
     x_adv = x_adv.detach().requires_grad_(True)
     logits = model(x_adv)
     losses = margin_loss(logits, y, kappa) if loss_fn is None else loss_fn(logits, y)
@@ -162,7 +162,7 @@ def _first_order_step(model, phi, x_adv, y, step_b, dirn, loss_fn, kappa, cg_ite
 
 
 def _project(phi, x, feats_clean, x_adv, eps_v):
-    """Project x_adv into {d(x, .) <= eps}: Newton steps with overshoot, then bisection on [x, x_adv] (§4.2)."""
+    """Project x_adv into {d(x, .) <= eps}: Newton steps with overshoot, then bisection on [x, x_adv] (upstream)."""
     x_out = x_adv.clone()
     todo = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     for _ in range(NEWTON_ITERS):

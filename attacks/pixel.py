@@ -1,20 +1,21 @@
 """Pixel attack: per-block pixelation of controllable strength (Kaufmann et al. 2023, "Testing Robustness Against
-Unforeseen Adversaries", arXiv 1908.08016; reference centerforaisafety/adversarial-corruptions attacks/pixel.py,
-described in shared/reference/semantic_attacks.md section 3.3).
+Unforeseen Adversaries", arXiv 1908.08016; reference code
+https://github.com/centerforaisafety/adversarial-corruptions/blob/main/attacks/pixel.py, whose CIFAR-10 levels take
+eps from models/cifar10/cifar10_config.py and step size / steps from models.sh).
 
 Latent:  blend weights p (B, C, ceil(H/P), ceil(W/P)) in [0, 1], one per block and channel, P = pixel_size
          (CIFAR 4 -> 8 x 8 blocks of 4 x 4 px).
-Render:  t = the TOP-LEFT pixel of each block (x[..., ::P, ::P]; reference quirk 5.3f, kept: not the block mean);
+Render:  t = the TOP-LEFT pixel of each block (x[..., ::P, ::P]; as the reference, kept: not the block mean);
          every pixel of a block becomes (1 - p) x + p t, then clamp to [0, 1]. p = 1 on every block is full pixelation.
 Constraint: ||p||_2 <= eps per example, then p clamped to [0, 1] (CIFAR: ||p||_2 <= sqrt(192) = 13.9 always).
 Init:    p = |eps * u * w / ||w||_2| clamped to [0, 1], w ~ U[0, 1] per entry, u ~ U(0, 1).
 Step:    p <- clamp01(P_{||.||_2 <= eps}(p + step_size * direction * g / ||g||_2))   (latent_pgd, step_rule "l2")
 
-Defaults: the CIFAR-10 "medium" level of the reference (section 2): eps 5, steps 60, step_size 1.0, pixel size 4.
+Defaults: the CIFAR-10 "medium" level of the reference: eps 5, steps 60, step_size 1.0, pixel size 4.
 LEVELS holds low / medium / high (only eps changes between levels).
 
 Deviations from the reference:
-- The init scale u is drawn per example (reference quirk 5.3l: one Python random scalar for the whole batch), so
+- The init scale u is drawn per example (the reference draws one Python random scalar for the whole batch), so
   an example's attack does not depend on which other examples share its batch.
 - H or W not divisible by P: the last block row / column is cropped (the reference resizes bilinearly up to the
   next multiple of P, then crops).
@@ -28,7 +29,7 @@ import torch
 
 from attacks._common import check_inputs, latent_pgd, per_sample, project_l2
 
-# CIFAR-10 levels (reference section 2: eps from cifar10_config.py, step size / steps from models.sh)
+# CIFAR-10 levels of the reference (eps: models/cifar10/cifar10_config.py; step size / steps: models.sh)
 LEVELS = {
     "low": {"eps": 1.0, "steps": 60, "step_size": 1.0},
     "medium": {"eps": 5.0, "steps": 60, "step_size": 1.0},

@@ -1,7 +1,8 @@
 """Polkadot: coloured dots are blended into the image with adversarial per-dot strengths.
 
 Reference: Kaufmann et al., "Testing Robustness Against Unforeseen Adversaries" (arXiv 1908.08016), 2023 code
-`attacks/polkadot.py`; described in shared/reference/semantic_attacks.md section 3.15 (defaults: section 2).
+https://github.com/centerforaisafety/adversarial-corruptions/blob/main/attacks/polkadot.py
+(CIFAR-10 defaults: eps from that repository's models/cifar10/cifar10_config.py, step size / steps from models.sh).
 
     structure  P = 20 dot centres uniform in [0, 1]^2, shared by the batch; one colour per (image, dot),
                uniform in [0, 1]^C. Pixel coordinates are (col, row) / W.
@@ -13,20 +14,20 @@ Reference: Kaufmann et al., "Testing Robustness Against Unforeseen Adversaries" 
     constraint l2 ball of radius eps per image on a, then |.|;  init U[0, 1]^P projected onto the ball;
                step  a <- |P_eps(a + step_size * grad / |grad|_2)|
 
-Defaults (CIFAR-10 "medium", section 2): eps 2, 40 steps, step size 0.3, 20 dots. LEVELS holds low/medium/high.
+Defaults (CIFAR-10 "medium"): eps 2, 40 steps, step size 0.3, 20 dots. LEVELS holds low/medium/high.
 eps may be a float or a (B,) tensor.
 
 Deviations from the reference:
-  - Blend weights exp(l_p) - 1 for the dots instead of the reference's softmax weights exp(l_p) (quirk d of
-    section 5.3). In the reference a zero-strength dot still has logit 0 and weight 1 against the image's e^2.5,
-    so at a = 0 every pixel is blended ~62% toward the mean of the 20 random colours. Subtracting each dot's
-    zero-strength weight makes a = 0 (and so eps = 0) exactly the identity, while a strong dot (l_p >> 1) gets the
-    reference's weight: the same dots, without the global colour wash. The attack is therefore weaker than the
-    reference's at the same eps (no free ~60% wash).
+  - Blend weights exp(l_p) - 1 for the dots instead of the reference's softmax weights exp(l_p). In the reference
+    a zero-strength dot still has logit 0 and weight 1 against the image's e^2.5, so at a = 0 every pixel is
+    blended ~62% toward the mean of the 20 random colours. Subtracting each dot's zero-strength weight makes a = 0
+    (and so eps = 0) exactly the identity, while a strong dot (l_p >> 1) gets the reference's weight: the same dots,
+    without the global colour wash. The attack is therefore weaker than the reference's at the same eps (no free
+    ~60% wash).
   - delta_p is clamped at 0 for dist > 1 (the reference's (1 - dist)^5 goes negative in the far corners), so that no
     dot gets a negative weight.
-  - The init U[0, 1]^P is projected onto the eps-ball before the first forward pass (quirk k: the reference
-    projects only after the first step, so its init is not bounded by eps).
+  - The init U[0, 1]^P is projected onto the eps-ball before the first forward pass (the reference projects only
+    after the first step, so its init is not bounded by eps).
 
 Depends on: attacks/_common.py
 """
@@ -35,13 +36,13 @@ import torch
 
 from attacks._common import check_inputs, latent_pgd, per_sample, project_l2
 
-LEVELS = {   # section 2: eps low/medium/high; step size and steps are the same at every level
+LEVELS = {   # the reference's CIFAR-10 eps low/medium/high; step size and steps are the same at every level
     "low": {"eps": 1.0, "steps": 40, "step_size": 0.3},
     "medium": {"eps": 2.0, "steps": 40, "step_size": 0.3},
     "high": {"eps": 3.0, "steps": 40, "step_size": 0.3},
 }
 EPS_MEANING = "l_2 (per image) on the 20 dot strengths (then |.|)"
-NUM_DOTS = 20            # section 3.15
+NUM_DOTS = 20            # reference polkadot.py
 DISTANCE_SCALING = 5.0
 IMAGE_THRESHOLD = 0.5
 DISTANCE_EXPONENT = 5    # polkadot_distance_normaliser
@@ -93,7 +94,7 @@ def polkadot(model, x, y, *, eps=2.0, steps=40, step_size=0.3, direction=1, loss
     def project(strengths):
         return project_l2(strengths, eps_b).abs()
 
-    # DEVIATION: latent_pgd projects the U[0, 1] init onto the eps-ball before the first forward (quirk k)
+    # DEVIATION: latent_pgd projects the U[0, 1] init onto the eps-ball before the first forward (reference: after)
     a0 = torch.rand((b, p), **kw)
     return latent_pgd(model, x, y, a0, render, project, steps=int(steps), step_size=step_size,
                       direction=direction, loss_fn=loss_fn, step_rule="l2")

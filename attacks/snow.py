@@ -1,10 +1,11 @@
 """Snow attack: bright diagonal flakes on a wintery-discoloured image (Kaufmann et al. 2023, "Testing Robustness
-Against Unforeseen Adversaries", arXiv 1908.08016; reference centerforaisafety/adversarial-corruptions
-attacks/snow.py, described in shared/reference/semantic_attacks.md section 3.4).
+Against Unforeseen Adversaries", arXiv 1908.08016; reference code
+https://github.com/centerforaisafety/adversarial-corruptions/blob/main/attacks/snow.py, whose CIFAR-10 levels take
+eps from models/cifar10/cifar10_config.py and step size / steps from models.sh).
 
 Fixed random structure (drawn once per call, torch RNG):
   mask  (B, L, H, W): an independent Bernoulli(1/g^2) per entry, g = grid_size (CIFAR 10 -> about 10 flakes per
-        layer, 51 per image); random positions, not a grid (reference quirk 5.3e, kept).
+        layer, 51 per image); random positions, not a grid (as the reference, kept).
   kernels (B, L, k, k), k = flake_size (CIFAR 3): a streak through the kernel centre to a random endpoint in the
         lower-right quadrant, mirrored through the centre; width 1, 3 or 5 with probabilities 0.6 / 0.3 / 0.1; all
         of an image's kernels flipped left-right with probability 0.5; then a Gaussian blur of size blur_size with
@@ -16,20 +17,20 @@ Render:  snow = sum_l conv2d((s_l * mask_l)^4, kernel_l)           (exponent = n
          x_adv = clamp(wintery + snow, 0, 1)                         (the same grey snow on R, G and B)
 Constraint: ||s||_2 <= eps per example over the whole (L, H, W) tensor, yet SIGN steps (as the reference).
 Init:    dense exp(-U / snow_init) (snow_init 5, values in [0.82, 1]) projected onto the l_2 ball, THEN masked
-         (quirk 5.3e, kept): the initial snow is nearly invisible. Masked entries get zero gradient, sign(0) = 0.
+         (as the reference, kept): the initial snow is nearly invisible. Masked entries get zero gradient, sign(0) = 0.
 Step:    s <- P_{||.||_2 <= eps}(s + step_size * direction * sign(grad_s))      (latent_pgd, step_rule "sign")
 
-Defaults: the CIFAR-10 "medium" level of the reference (section 2): eps 4, steps 20, step_size 0.2, flake size 3,
+Defaults: the CIFAR-10 "medium" level of the reference: eps 4, steps 20, step_size 0.2, flake size 3,
 5 layers, grid size 10, exponent 4, discolour 0.15, blur size 1. LEVELS holds low / medium / high.
 
 Deviations from the reference:
-- eps = 0 returns x exactly (project rule, reference section 5 item 3): the reference discolours the image at any
+- eps = 0 returns x exactly (attack contract, README.md): the reference discolours the image at any
   eps. Here an example with eps = 0 is returned unchanged; examples with eps > 0 are discoloured as in the reference.
 - Flake kernels are rendered analytically on the device (the reference draws them with a numpy anti-aliased
   thick-line routine in a Python loop): tap value = clip((width + 1) / 2 - dist, 0, 1) in the streak's own
   quadrants (u v >= 0, where the reference's one-sided line spans reach), clip(1 - dist, 0, 1) elsewhere;
   dist = Euclidean distance from the tap to the mirrored segment. On the 3 x 3 CIFAR kernels: width 1 gives the
-  diagonal 1, the four side taps 0.29 (the reference note reads 0.35), far corners 0; width >= 3 gives ones
+  diagonal 1, the four side taps 0.29 (the reference's line drawing: 0.354), far corners 0; width >= 3 gives ones
   except the two far corners (0), as the reference.
 - |s|^4 instead of s^4 (identical for the even default exponent; defined for any exponent).
 
@@ -44,7 +45,7 @@ import torch.nn.functional as F
 
 from attacks._common import check_inputs, latent_pgd, per_sample, project_l2
 
-# CIFAR-10 levels (reference section 2: eps from cifar10_config.py, step size / steps from models.sh)
+# CIFAR-10 levels of the reference (eps: models/cifar10/cifar10_config.py; step size / steps: models.sh)
 LEVELS = {
     "low": {"eps": 3.0, "steps": 20, "step_size": 0.2},
     "medium": {"eps": 4.0, "steps": 20, "step_size": 0.2},
@@ -145,5 +146,5 @@ def snow(model, x, y, *, eps=4.0, steps=20, step_size=0.2, flake_size=3, layers=
 
     x_adv = latent_pgd(model, x, y, intensity, draw, project, steps=int(steps), step_size=step_size,
                        direction=direction, loss_fn=loss_fn, step_rule="sign")
-    # DEVIATION: eps = 0 returns x (the reference discolours at any eps) -- project rule, reference 5.3
+    # DEVIATION: eps = 0 returns x (the reference discolours at any eps) -- the attack contract (README.md)
     return torch.where(eps_b > 0, x_adv, x)

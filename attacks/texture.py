@@ -1,7 +1,8 @@
 """Texture: the image becomes a "line drawing": edges are blackened and the texture between them washed to white.
 
 Reference: Kaufmann et al., "Testing Robustness Against Unforeseen Adversaries" (arXiv 1908.08016), 2023 code
-`attacks/texture.py`; described in shared/reference/semantic_attacks.md section 3.12 (defaults: section 2).
+https://github.com/centerforaisafety/adversarial-corruptions/blob/main/attacks/texture.py
+(CIFAR-10 defaults: eps from that repository's models/cifar10/cifar10_config.py, step size / steps from models.sh).
 
     structure  E = Canny-like thin-edge mask of the clean image (attacks/_edges.py, threshold 0.1), (B, 1, H, W),
                constant (no gradient through it)
@@ -11,7 +12,7 @@ Reference: Kaufmann et al., "Testing Robustness Against Unforeseen Adversaries" 
                x_adv = clamp(beta * 1 + (1 - beta) * x_k, 0, 1)
     constraint w in [-eps, eps], then [-1, 1] (clamps);  init U[0, eps];  step  w <- w + step_size * sign(grad)
 
-Defaults (CIFAR-10 "medium", section 2, linf variant of the CIFAR config): eps 0.1, 30 steps, step size 0.003.
+Defaults (CIFAR-10 "medium", linf variant of the CIFAR config): eps 0.1, 30 steps, step size 0.003.
 LEVELS holds low/medium/high. Reach 30 * 0.003 = 0.09 < eps at medium/high (reference property, partly offset by
 the init). eps may be a float or a (B,) tensor.
 
@@ -30,7 +31,7 @@ import torch
 from attacks._common import check_inputs, latent_pgd, per_sample, project_linf
 from attacks._edges import CANNY_THRESHOLD, canny_edges
 
-LEVELS = {   # section 2: eps low/medium/high; step size and steps are the same at every level
+LEVELS = {   # the reference's CIFAR-10 eps low/medium/high; step size and steps are the same at every level
     "low": {"eps": 0.01, "steps": 30, "step_size": 0.003},
     "medium": {"eps": 0.1, "steps": 30, "step_size": 0.003},
     "high": {"eps": 0.2, "steps": 30, "step_size": 0.003},
@@ -40,7 +41,7 @@ EPS_MEANING = "l_inf on per-pixel whitening weights of the non-edge pixels (also
 
 def texture(model, x, y, *, eps=0.1, steps=30, step_size=0.003, direction=1, loss_fn=None, generator=None,
             threshold=CANNY_THRESHOLD):
-    """Texture attack: blacken the Canny edges, push the other pixels to white by |w| <= eps (section 3.12)."""
+    """Texture attack: blacken the Canny edges, push the other pixels to white by |w| <= eps (reference texture.py)."""
     check_inputs(x, y, eps)
     if int(steps) != steps or steps < 0:
         raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
@@ -49,7 +50,7 @@ def texture(model, x, y, *, eps=0.1, steps=30, step_size=0.003, direction=1, los
     b, _, h, w = x.shape
     eps_b = per_sample(eps, x)                                                    # (B, 1, 1, 1)
     mask = canny_edges(x, threshold)                                              # (B, 1, H, W), constant
-    # DEVIATION: blackening gated on eps > 0 -- eps = 0 must return x (project rule, architecture.md)
+    # DEVIATION: blackening gated on eps > 0 -- eps = 0 must return x (attack contract, README.md)
     x_black = x * (1 - (eps_b > 0).to(x.dtype) * mask)
     non_edge = 1 - mask
 

@@ -1,7 +1,8 @@
 """Whirlpool: the image is resampled through several adversarially strong swirls.
 
 Reference: Kaufmann et al., "Testing Robustness Against Unforeseen Adversaries" (arXiv 1908.08016), 2023 code
-`attacks/whirlpool.py`; described in shared/reference/semantic_attacks.md section 3.14 (defaults: section 2).
+https://github.com/centerforaisafety/adversarial-corruptions/blob/main/attacks/whirlpool.py
+(CIFAR-10 defaults: eps from that repository's models/cifar10/cifar10_config.py, step size / steps from models.sh).
 
     structure  K = 8 whirlpool centres c_k per image, uniform in [-1, 1]^2 (grid_sample units)
     latent     strengths s (B, K); |s_k| is used
@@ -11,7 +12,7 @@ Reference: Kaufmann et al., "Testing Robustness Against Unforeseen Adversaries" 
                  Delta_k = R(phi_k) d - d                          (displacement of p rotated by phi_k about c_k)
                Delta = elementwise MAX over k of Delta_k, separately for x and y (as the reference combines the
                whirlpools: not a sum; far from every centre Delta ~ 0, so negative displacements are clipped at 0
-               wherever the other whirlpools are far: a one-sided swirl, reference quirk c, kept)
+               wherever the other whirlpools are far: a one-sided swirl, reference behaviour, kept)
                x_adv = bilinear resample of x at p + Delta, zero padding;  g = 1 if eps > 0 else 0
     constraint l2 ball of radius eps per image on s;  init eps * u * s0 / |s0|_2, s0 ~ U[0, 1]^K, u ~ U(0, 1);
                step  s <- P_eps(s + step_size * grad / |grad|_2)
@@ -19,15 +20,15 @@ Reference: Kaufmann et al., "Testing Robustness Against Unforeseen Adversaries" 
 Rotating d by phi about c_k is the reference's c_k + r (cos theta, sin theta), theta = phi + atan2(d), written
 without atan2 (same values; exact zero displacement at phi = 0 and no singularity at r = 0).
 
-Defaults (CIFAR-10 "medium", section 2): eps 100 (radians of peak rotation, l2 over the 8 strengths), 50 steps,
+Defaults (CIFAR-10 "medium"): eps 100 (radians of peak rotation, l2 over the 8 strengths), 50 steps,
 step size 16. LEVELS holds low/medium/high. eps may be a float or a (B,) tensor.
 
 Deviations from the reference:
   - Identity grid with align_corners=True (attacks._common.warp) instead of the half-pixel-shifted 2i/W - 1 grid
-    (section 5.3: the project uses consistent sampling grids so that zero displacement is the identity).
+    (consistent sampling grids, so that zero displacement is the identity, as the attack contract needs).
   - The minimum strength s_min is applied only to samples with eps > 0 (gate g) -- eps = 0 must return x.
-  - The init's random scale u is drawn per image, not once per batch (quirk l) -- so an image's attack does not
-    depend on the rest of its batch.
+  - The init's random scale u is drawn per image, not once per batch as in the reference -- so an image's attack
+    does not depend on the rest of its batch.
 
 Depends on: attacks/_common.py
 """
@@ -38,13 +39,13 @@ import torch
 
 from attacks._common import check_inputs, identity_grid, latent_pgd, per_sample, project_l2, warp
 
-LEVELS = {   # section 2: eps low/medium/high; step size and steps are the same at every level
+LEVELS = {   # the reference's CIFAR-10 eps low/medium/high; step size and steps are the same at every level
     "low": {"eps": 20.0, "steps": 50, "step_size": 16.0},
     "medium": {"eps": 100.0, "steps": 50, "step_size": 16.0},
     "high": {"eps": 200.0, "steps": 50, "step_size": 16.0},
 }
 EPS_MEANING = "l_2 (per image) on the 8 whirlpool strengths (radians of peak rotation)"
-NUM_WHIRLPOOLS = 8        # section 3.14
+NUM_WHIRLPOOLS = 8        # reference whirlpool.py
 RADIUS = 0.5              # swirl radius (grid_sample units)
 MIN_STRENGTH = 0.5        # s_min
 
@@ -80,7 +81,7 @@ def whirlpool(model, x, y, *, eps=100.0, steps=50, step_size=16.0, direction=1, 
     kw = dict(generator=generator, device=x.device, dtype=x.dtype)
     centres = torch.rand((b, k, 2), **kw) * 2 - 1                                  # uniform in [-1, 1]^2
     grid = identity_grid(b, h, w, device=x.device, dtype=x.dtype)
-    # DEVIATION: s_min gated on eps > 0 -- eps = 0 must return x (project rule, architecture.md)
+    # DEVIATION: s_min gated on eps > 0 -- eps = 0 must return x (attack contract, README.md)
     s_min = (eps_b > 0).to(x.dtype) * min_strength
 
     def render(strengths):
@@ -93,7 +94,7 @@ def whirlpool(model, x, y, *, eps=100.0, steps=50, step_size=16.0, direction=1, 
         return project_l2(strengths, eps_b)
 
     s0 = torch.rand((b, k), **kw)
-    # DEVIATION: u drawn per image (reference: one scalar per batch, quirk l) -- batch-independent attacks
+    # DEVIATION: u drawn per image (reference: one scalar per batch) -- batch-independent attacks
     u = torch.rand((b, 1), **kw)
     s0 = eps_b * u * s0 / (s0.norm(dim=1, keepdim=True) + 1e-12)
     return latent_pgd(model, x, y, s0, render, project, steps=int(steps), step_size=step_size,

@@ -1,6 +1,7 @@
 """Wood attack: bendable concentric dark rings (Kaufmann et al. 2023, "Testing Robustness Against Unforeseen
-Adversaries", arXiv 1908.08016; reference centerforaisafety/adversarial-corruptions attacks/wood.py, described in
-shared/reference/semantic_attacks.md section 3.1).
+Adversaries", arXiv 1908.08016; reference code
+https://github.com/centerforaisafety/adversarial-corruptions/blob/main/attacks/wood.py, whose CIFAR-10 levels take
+eps from models/cifar10/cifar10_config.py and step size / steps from models.sh).
 
 Latent:  a low-resolution offset field n (B, 1, r, r), r = noise_resolution (CIFAR 16), one channel per image.
 Render:  u, v = 2(j - W/2)/W, 2(i - H/2)/H in [-1, 1)                (centred coordinates; image half-width = 1)
@@ -12,16 +13,16 @@ Constraint: ||n||_inf <= eps per example (eps in units of d: 0.05 is about 0.8 p
 Init:    n = 0 (the reference's wood_random_init=False), so the attack is deterministic.
 Step:    n <- clamp(n + step_size * direction * sign(grad_n), -eps, eps)          (latent_pgd, step_rule "sign")
 
-Defaults: the CIFAR-10 "medium" level of the reference (section 2): eps 0.05, steps 70, step_size 0.000625,
+Defaults: the CIFAR-10 "medium" level of the reference: eps 0.05, steps 70, step_size 0.000625,
 noise resolution 16, 5 rings, exponent 8. LEVELS holds low / medium / high (only eps changes between levels).
-Kept reference property (section 5 item 3h): 70 * 0.000625 = 0.044 < eps at medium and high, so those levels
+Kept reference property: 70 * 0.000625 = 0.044 < eps at medium and high, so those levels
 cannot reach the boundary of the eps-ball from the zero init.
 
 Deviations from the reference:
-- eps = 0 returns x exactly (project rule, section 5 item 3): the reference draws the undisturbed rings even with a
+- eps = 0 returns x exactly (attack contract, README.md): the reference draws the undisturbed rings even with a
   zero offset field. Here an example with eps = 0 is returned unchanged; every example with eps > 0 gets the full
   rings, exactly as in the reference.
-Numerical guard (section 5 item 4, not a change of the attack): |sin|^(1/kappa) is computed as
+Numerical guard (not a change of the attack): |sin|^(1/kappa) is computed as
 (sin^2 + 1e-20)^(1/(2 kappa)), whose derivative stays finite at sin = 0 (mask >= 0.056 instead of >= 0).
 
 eps may be a float or a per-example (B,) tensor; direction +1 (maximise the loss) or -1, or a (B,) tensor.
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 
 from attacks._common import check_inputs, latent_pgd, per_sample
 
-# CIFAR-10 levels (reference section 2: eps from cifar10_config.py, step size / steps from models.sh)
+# CIFAR-10 levels of the reference (eps: models/cifar10/cifar10_config.py; step size / steps: models.sh)
 LEVELS = {
     "low": {"eps": 0.03, "steps": 70, "step_size": 0.000625},
     "medium": {"eps": 0.05, "steps": 70, "step_size": 0.000625},
@@ -89,5 +90,5 @@ def wood(model, x, y, *, eps=0.05, steps=70, step_size=0.000625, num_rings=5, no
 
     x_adv = latent_pgd(model, x, y, noise, draw, project, steps=int(steps), step_size=step_size,
                        direction=direction, loss_fn=loss_fn, step_rule="sign")
-    # DEVIATION: eps = 0 returns x (the reference renders the rings at any eps) -- project rule, reference 5.3
+    # DEVIATION: eps = 0 returns x (the reference renders the rings at any eps) -- the attack contract (README.md)
     return torch.where(eps_b > 0, x_adv, x)

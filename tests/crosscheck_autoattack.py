@@ -4,7 +4,7 @@ torchattacks is NOT a dependency of this project. Install it outside the project
 
     pip install --no-deps --target /tmp/ta torchattacks          # it needs only torch, which we have
     python -m tests.crosscheck_autoattack --ckpt runs/cpu/pretrain_linf15/model.pt \
-        --data-dir ../shared/data/cifar10 --torchattacks-path /tmp/ta --out runs/cpu/crosscheck.json
+        --data-dir data/cifar10 --torchattacks-path /tmp/ta --out runs/cpu/crosscheck.json
 
 What it measures, on the first --n-examples test images (one seed, CPU deterministic):
 1. every AutoAttack component (APGD-CE, APGD-T, FAB-T, Square) for linf and l2, run on its own on the clean-correct

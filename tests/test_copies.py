@@ -13,10 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["cas.py", "caat_meta.py", "caat_reinforce.py"]
 ALL4 = SCRIPTS + ["eval.py"]
 BLOCKS = {   # block -> files holding an identical copy; the first is canonical. Scripts not written yet are skipped.
-    "common-flags": SCRIPTS,
+    "common-flags": SCRIPTS, "run-dir": SCRIPTS,
     "setup": ALL4, "model": ALL4, "data": ALL4, "evaluate": ALL4, "io": ALL4,
+    "cas-metrics": ["cas.py", "eval.py"],
     "caat-characteristics": ["caat_meta.py", "caat_reinforce.py"],
-    "caat-bound": ["caat_meta.py", "caat_reinforce.py"],
     "caat-scenarios": ["caat_meta.py", "caat_reinforce.py"],
     "caat-metrics": ["caat_meta.py", "caat_reinforce.py"],
 }
@@ -74,6 +74,16 @@ class TestCopies(unittest.TestCase):
                 for name in blocks((ROOT / f).read_text()):
                     self.assertIn(name, BLOCKS, f"{f}: unknown shared block {name}")
                     self.assertIn(f, BLOCKS[name], f"{f} holds block {name} but is not listed for it")
+
+    def test_no_dead_code_in_copies(self):
+        """Every function or class a shared block defines is used by every file that holds the block."""
+        for f in existing(ALL4):
+            text = (ROOT / f).read_text()
+            for name, body in blocks(text).items():
+                for fn in re.findall(r"^(?:def|class) (\w+)", body, re.M) + re.findall(r"^([A-Z_]+) = ", body, re.M):
+                    with self.subTest(file=f, block=name, name=fn):
+                        uses = len(re.findall(rf"\b{fn}\b", text)) - 1   # minus the definition
+                        self.assertGreater(uses, 0, f"{f}: {fn} (shared block {name}) is never used")
 
     def test_marker_parser_catches_drift(self):
         """The checker itself can fail: unbalanced markers raise, a one-character change shows up as a diff."""

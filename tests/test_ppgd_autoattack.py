@@ -1,4 +1,4 @@
-"""Tests for issue 5: AutoAttack (attacks/autoattack.py + _apgd/_fab/_square) and PPGD (attacks/perceptual.py).
+"""Tests for AutoAttack (attacks/autoattack.py + _apgd/_fab/_square) and PPGD (attacks/perceptual.py).
 
 Tiny models, 16x16 images and reduced iteration counts (n_iter / n_queries / steps) keep this file fast on CPU.
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_ppgd_autoattack.py

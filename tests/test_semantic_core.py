@@ -1,4 +1,4 @@
-"""One property specific to each of the eight core unforeseen attacks (issue 3), plus the `python -m attacks` CLI.
+"""One property specific to each of the eight core unforeseen attacks, plus the `python -m attacks` CLI.
 
 The shared contract (shape, [0,1], eps = 0 identity, no side effects, seeding) is tests/test_attacks.py; here each
 attack's own rendering / constraint is checked. Latents seen during the PGD loop are recorded by wrapping the

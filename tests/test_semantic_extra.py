@@ -1,4 +1,4 @@
-"""Properties specific to the nine extra unforeseen attacks (issue 4), one test class per attack, plus the registry.
+"""Properties specific to the nine extra unforeseen attacks, one test class per attack, plus the registry.
 
 The shared contract (shape, range, eps = 0, side effects, seeding) is checked for every registered attack by
 tests/test_attacks.py; here each attack's own render/constraint is checked. Run:
@@ -133,7 +133,7 @@ class TestFog(unittest.TestCase):
         levels = fog_levels(32, 32)
         self.assertEqual(levels, 5)
         n = sum(4 ** i for i in range(levels))
-        self.assertEqual(3 * n, 1023)                                     # values per image (section 3.11)
+        self.assertEqual(3 * n, 1023)                                     # values per image (attacks/fog.py docstring)
         eps = 0.4
         v = (2 * torch.rand(2, 3, n, generator=torch.Generator().manual_seed(0)) - 1) * eps
         fog_map = diamond_square(v, levels)
