@@ -651,8 +651,9 @@ def add_common_flags(parser):
 
 def check_common_args(args):
     """Values outside a common flag's meaning, unreadable files, a taken run directory: ValueError, before any work."""
-    if args.resume:
-        return                                   # a resumed run takes its settings from its checkpoint
+    if args.resume:   # a resumed run takes its settings from its checkpoint, which must be readable
+        load_checkpoint(Path(args.resume) / "ckpt.pt" if Path(args.resume).is_dir() else args.resume)
+        return
     for flag, low in (("batch_size", 1), ("epochs", 0), ("eval_every", 1), ("eval_examples", 1), ("width", 1),
                       ("attack_steps", 1), ("max_steps", 0), ("train_subset", 0), ("test_subset", 0)):
         if getattr(args, flag) < low:
@@ -828,8 +829,7 @@ def load_weights(model, path):
     sd = extract_state_dict(load_checkpoint(path), path)
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    shapes = sorted(f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in set(own) & set(sd)
-                    if sd[k].shape != own[k].shape)
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in sd and sd[k].shape != v.shape]
     if missing or unexpected or shapes:
         raise ValueError(f"{path} does not fit this PreActResNet-18 (check --width/--activation/--dataset): "
                          f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}, "

@@ -546,7 +546,9 @@ def run_job(model, x_u8, y, fn, name, norm, eps, batch_size, seed, n_show):
 
 def check_args(args):
     if not args.ckpt:
-        raise ValueError("--ckpt is required (or --compare A.json B.json ...)")
+        raise ValueError("--ckpt is required (or --compare / --aggregate / --tradeoff with eval.json files)")
+    if not Path(args.ckpt).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {args.ckpt}")
     for flag in ("n_examples", "batch_size", "aa_batch_size", "aa_queries", "n_show"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)!r}")
@@ -604,13 +606,17 @@ def start_results(args, out, header, jobs):
 
 
 def main(args):
-    if args.compare:
-        text = compare(args.compare, args.labels)
-        print(text)
-        return text
+    try:   # the table modes: a foreign or incomplete file is a user error, one line
+        if args.compare:
+            text = compare(args.compare, args.labels)
+            print(text)
+            return text
+        if args.aggregate or args.tradeoff:
+            text, table = aggregate_seeds(args.aggregate) if args.aggregate else \
+                tradeoff_matrix(args.tradeoff, args.tradeoff_sequential)
+    except (ValueError, OSError) as e:
+        make_parser().error(str(e))
     if args.aggregate or args.tradeoff:
-        text, table = aggregate_seeds(args.aggregate) if args.aggregate else \
-            tradeoff_matrix(args.tradeoff, args.tradeoff_sequential)
         print(text)
         if args.out:
             Path(args.out).with_suffix(".md").write_text(text + "\n")
@@ -812,8 +818,7 @@ def load_weights(model, path):
     sd = extract_state_dict(load_checkpoint(path), path)
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    shapes = sorted(f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in set(own) & set(sd)
-                    if sd[k].shape != own[k].shape)
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in sd and sd[k].shape != v.shape]
     if missing or unexpected or shapes:
         raise ValueError(f"{path} does not fit this PreActResNet-18 (check --width/--activation/--dataset): "
                          f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}, "

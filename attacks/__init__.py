@@ -132,7 +132,7 @@ def attack_settings(name, mode="eval", *, dataset="cifar10", eps=None, steps=Non
                 and params[k].default is not None}
         base.update(EVAL_STRENGTH.get(name, {}))
     else:
-        raise ValueError(f"level {level!r}: {fn.__module__} has no LEVELS table, only its defaults (medium)")
+        raise ValueError(f"level {level!r}: {fn.__module__} defines no LEVELS table, only its defaults (medium)")
     kw = dict(base)
     if mode == "train":
         kw.pop("sparsity", None)                  # APGD-l1 trains with its own (E-AT) sparsity default

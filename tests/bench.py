@@ -79,7 +79,7 @@ def main(argv=None):
           f"{args.attack_steps} attack steps | torch {torch.__version__} | threads {torch.get_num_threads()}")
 
     weights = cas.scenario_weights(names, "cifar")
-    arms = cas.make_arms(names, "cifar10", args.attack_steps)
+    arms = cas.make_arms(names, "train", "cifar10", args.attack_steps, {})
     samplers = args.samplers.split(",")
     # Every single-arm sampler does its real work (probs, sample, update) but the arm actually attacked comes from
     # one common pre-drawn sequence, so the ratios measure the samplers' cost and not a different mix of attacks.
@@ -88,14 +88,14 @@ def main(argv=None):
     state = {}
     for sampler_name in samplers:
         ns = argparse.Namespace(sampler=sampler_name, alpha=10.0, window=10, tradeoff=True, ucb=True, seed=0)
-        real = cas.make_sampler(ns, weights)
+        real = cas.make_sampler(sampler_name, weights, ns)
         state[sampler_name] = (None if real is None else Replay(real, seq),
                                torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9))
     times = {n: [] for n in samplers}
     for r in range(args.iters + 2):
         for sampler_name in samplers[r % len(samplers):] + samplers[:r % len(samplers)]:   # rotate who goes first
             sampler, opt = state[sampler_name]
-            t = time_it(lambda: cas.train_step(model, opt, x, y, arms, names, sampler, weights, 8 / 9, False),
+            t = time_it(lambda: cas.train_step(model, opt, x, y, arms, weights, sampler, 8 / 9, False),
                         device, 1)
             if r >= 2:   # warm-up rounds
                 times[sampler_name].append(t)

@@ -108,7 +108,7 @@ class TestCharacteristicsAndBound(unittest.TestCase):
             self.assertAlmostEqual(torch.autograd.grad(ce, xi)[0].norm().item(), g_anti[i].item(), places=5)
 
     def test_fairness_multipliers(self):
-        args = cm.get_args([])
+        args = cm.get_args(["--dataset", "fake"])
         fair = cm.Fairness(3, args)
         fair.update(torch.tensor([0.1, 0.2, 0.6]), torch.tensor([0.5, 0.5, 0.9]), 0, ("nat", "bdy", "m"))
         # nat: violation 0.6 - 0.3 - 0.05 = 0.25 for class 2 only -> phi = 0.05 * 0.25
@@ -263,11 +263,12 @@ class TestBadInputs(unittest.TestCase):
                  (["--attacks", "fog"], "l_inf"), (["--eval-pgd-steps", "10,x"], "--eval-pgd-steps")]
         for argv, msg in cases:
             with self.subTest(argv=argv), self.assertRaisesRegex(ValueError, msg):
-                cm.check_args(cm.get_args(SMOKE + argv))
+                cm.check_args(cm.make_parser().parse_args(SMOKE + argv))
         proc = run_script(*SMOKE, "--meta-per-class", "1000", "--out-dir", Path(tempfile.mkdtemp()) / "x", expect=1)
         self.assertIn("--meta-per-class 1000", proc.stderr)
-        proc = run_script("--resume", "/nonexistent/ckpt.pt", expect=1)
+        proc = run_script("--resume", "/nonexistent/ckpt.pt", expect=2)   # a user error: one line, exit 2
         self.assertIn("checkpoint not found", proc.stderr)
+        self.assertNotIn("Traceback", proc.stderr)
 
 
 if __name__ == "__main__":

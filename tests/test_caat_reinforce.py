@@ -223,13 +223,14 @@ class TestBadInputs(unittest.TestCase):
                  (["--entropy-coef", "-1"], "--entropy-coef"), (["--lam", "-1"], "--lam"), (["--amp"], "--amp")]
         for argv, msg in cases:
             with self.subTest(argv=argv), self.assertRaisesRegex(ValueError, msg):
-                cr.check_args(cr.get_args(SMOKE + argv))
+                cr.check_args(cr.make_parser().parse_args(SMOKE + argv))
         with self.assertRaises(SystemExit), contextlib.redirect_stderr(io.StringIO()):   # argparse: not a number
             cr.get_args(SMOKE + ["--lam", "abc"])
         proc = run_script(*SMOKE, "--meta-per-class", "1000", "--out-dir", Path(tempfile.mkdtemp()) / "x", expect=1)
         self.assertIn("--meta-per-class 1000", proc.stderr)
-        proc = run_script("--resume", "/nonexistent/ckpt.pt", expect=1)
+        proc = run_script("--resume", "/nonexistent/ckpt.pt", expect=2)   # a user error: one line, exit 2
         self.assertIn("checkpoint not found", proc.stderr)
+        self.assertNotIn("Traceback", proc.stderr)
 
 
 if __name__ == "__main__":

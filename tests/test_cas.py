@@ -1,5 +1,6 @@
 """CAS reward and selection math (Eqs. 6, 7, 9, 10) against hand-computed values, plus the baseline samplers."""
 
+import argparse
 import math
 import os
 import tempfile
@@ -8,6 +9,8 @@ import unittest
 import numpy as np
 import torch
 
+import attacks
+import cas
 from cas import CASSampler, EATSampler, OrderSampler, SATSampler, slope
 
 LN2 = math.log(2.0)
@@ -157,6 +160,93 @@ class TestStateAndSampling(unittest.TestCase):
             seq.append(arm)
             s.update(arm, 1.0)
         self.assertEqual(seq, [0, 1, 2, 0, 2, 0] * 2)
+
+
+class TestTrainingStep(unittest.TestCase):
+    """The fixes of one iteration: the semantic step rule, learnable fake data, E-AT's counter, AVG's order."""
+
+    @staticmethod
+    def tiny(seed=0):
+        torch.manual_seed(seed)
+        return cas.build_model(10, (0.5,) * 3, (0.25,) * 3, width=4)
+
+    def test_semantic_training_step_scales_with_eps_and_never_exceeds_it(self):
+        """README D8: step = base_step * (eps / base_eps) * (base_steps / steps), at most eps -- for the medium
+        budget and a calibrated one (before: pixel trained with step 6.0 against eps 5, edge 0.12 against 0.1, and a
+        calibrated gabor eps 0.0092 kept the step 0.02)."""
+        for name in attacks.SEMANTIC:
+            base = attacks.attack_settings(name, "eval")
+            if "step_size" not in base:
+                continue
+            for scale in (1.0, 0.3, 1.6):
+                with self.subTest(attack=name, scale=scale):
+                    kw = attacks.attack_settings(name, "train", eps=base["eps"] * scale, steps=10)
+                    self.assertEqual(kw["steps"], min(10, base["steps"]))
+                    self.assertLessEqual(kw["step_size"], kw["eps"] * (1 + 1e-12))
+                    want = base["step_size"] * scale * base["steps"] / kw["steps"]
+                    self.assertAlmostEqual(kw["step_size"], min(want, kw["eps"]), places=12)
+        self.assertEqual(attacks.attack_settings("pixel", "train")["step_size"], 5.0)   # was 6.0
+        self.assertAlmostEqual(attacks.attack_settings("gabor", "train", eps=0.0092)["step_size"], 0.0092 * 2 / 3)
+        self.assertEqual(attacks.attack_settings("fog", "eval"), {"eps": 0.4, "steps": 40, "step_size": 0.05})
+
+    def test_fake_data_is_learnable(self):
+        """Both fake splits share the class prototypes, so a few SAT steps lift test accuracy far above chance
+        (before, class k had another colour in the test split and accuracy stayed at chance)."""
+        args = argparse.Namespace(dataset="fake", input_norm="dataset", train_subset=0, test_subset=0)
+        data = cas.make_datasets(args, torch.device("cpu"))
+        torch.manual_seed(0)
+        model = cas.build_model(10, data["mean"], data["std"], width=8)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        arms = cas.make_arms(["linf"], "train", "fake", 1, {})
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            for x, y in cas.iterate_batches(data["train_x"], data["train_y"], 32, gen, augment=data["augment"]):
+                cas.train_step(model, opt, x, y, arms, [1.0], SATSampler([1.0]), 8 / 9, False)
+        acc = cas.evaluate(model, data["test_x"], data["test_y"], {}, 64, 0)["clean"]
+        self.assertGreater(acc, 0.4, f"fake test accuracy {acc} after 24 SAT steps (chance 0.1; 0.06 before)")
+
+    def test_eat_counts_eval_mode_correctness_of_the_final_iterate(self):
+        model = self.tiny()
+        x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
+        for _ in range(3):   # train-mode BN statistics differ from the running ones: the two modes disagree
+            model(torch.rand(16, 3, 32, 32) * 0.2)
+        x_adv = attacks.linf(model.eval(), x, y, steps=1)
+        with torch.no_grad():
+            want = int((model.eval()(x_adv).argmax(1) == y).sum())
+        torch.manual_seed(5)
+        arms = {"linf": lambda m, xb, yb: x_adv}
+        s = EATSampler([1.0])
+        cas.train_step(model.train(), torch.optim.SGD(model.parameters(), lr=0.0), x, y, arms, [1.0], s, 1.0, False)
+        self.assertEqual((s.correct, s.seen), ([want], [16]))
+
+    def test_avg_generates_every_arm_before_training(self):
+        """Every arm's attack sees the same model: BN running statistics untouched by the step's own forwards."""
+        model, seen = self.tiny(), []
+
+        def arm(m, xb, yb):
+            seen.append((m.training, m.bn.running_mean.clone()))
+            return xb.clone()
+
+        x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+        arms = {"a": arm, "b": arm, "c": arm}
+        cas.train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), x, y, arms, [6.0, 1.0, 1.0], None,
+                       8 / 9, False)
+        self.assertEqual(len(seen), 3)
+        self.assertTrue(all(not training for training, _ in seen))
+        self.assertTrue(all(torch.equal(seen[0][1], rm) for _, rm in seen))
+        self.assertFalse(torch.equal(seen[0][1], model.bn.running_mean))   # the training forwards came after
+
+    def test_deterministic_flag_warns_instead_of_raising(self):
+        """--deterministic must work on CUDA, where grid_sample / interpolate / reflection-pad backward have no
+        deterministic kernel: those ops warn (torch's warn_only) instead of raising."""
+        try:
+            cas.seed_everything(0, True)
+            self.assertTrue(torch.are_deterministic_algorithms_enabled())
+            self.assertTrue(torch.is_deterministic_algorithms_warn_only_enabled())
+        finally:
+            torch.use_deterministic_algorithms(False)
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = False
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ A tiny model.pt is made once by running cas.py as a subprocess; eval.py then run
 sanity check, the CAAT class-wise metrics, --level handling and --compare are called directly (import eval).
 """
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -136,14 +138,15 @@ class TestEvalScript(unittest.TestCase):
         self.assertIn("| attack | SAT | CAS |", text)
         clean = f"{100 * self.res['clean_acc']:.2f}"
         self.assertIn(f"| fake | Clean | {clean} | {clean} |", text)
-        with self.assertRaises(ValueError):
+        with self.assertRaises(SystemExit), contextlib.redirect_stderr(io.StringIO()) as err:
             ev.main(ev.get_args(["--compare", str(self.out), "--labels", "A,B"]))
+        self.assertIn("--labels has 2 names for 1 files", err.getvalue())
 
     def test_bad_inputs(self):
         with self.assertRaisesRegex(ValueError, "registered attacks: linf, l2, l1"):
-            ev.main(ev.get_args(["--ckpt", str(self.ckpt), "--attacks", "linf,nosuch", *FAST]))
+            ev.check_args(ev.make_parser().parse_args(["--ckpt", str(self.ckpt), "--attacks", "linf,nosuch", *FAST]))
         with self.assertRaisesRegex(FileNotFoundError, "checkpoint not found"):
-            ev.main(ev.get_args(["--ckpt", str(self.tmp / "missing.pt"), *FAST]))
+            ev.check_args(ev.make_parser().parse_args(["--ckpt", str(self.tmp / "missing.pt"), *FAST]))
         with self.assertRaises(SystemExit), open("/dev/null", "w") as devnull:
             stderr, sys.stderr = sys.stderr, devnull
             try:
@@ -151,7 +154,10 @@ class TestEvalScript(unittest.TestCase):
             finally:
                 sys.stderr = stderr
         with self.assertRaisesRegex(ValueError, "unknown norm"):
-            ev.main(ev.get_args(["--ckpt", str(self.ckpt), "--autoattack", "l3", *FAST]))
+            ev.check_args(ev.make_parser().parse_args(["--ckpt", str(self.ckpt), "--autoattack", "l3", *FAST]))
+        with self.assertRaises(SystemExit), contextlib.redirect_stderr(io.StringIO()) as err:   # the CLI: one line
+            ev.get_args(["--ckpt", str(self.ckpt), "--autoattack", "l3", *FAST])
+        self.assertIn("unknown norm", err.getvalue())
 
 
 class TestPieces(unittest.TestCase):
@@ -209,7 +215,7 @@ class TestPieces(unittest.TestCase):
         self.assertEqual(ev.eval_kwargs("fog", "cifar10", "low", {"fog": 0.7})["eps"], 0.7)     # --eps-table wins
         quick = ev.eval_kwargs("fog", "cifar10", "medium", {}, steps=4)
         self.assertEqual(quick["steps"], 4)
-        self.assertAlmostEqual(quick["steps"] * quick["step_size"], 40 * 0.05)                 # same reach
+        self.assertAlmostEqual(quick["step_size"], min(40 * 0.05 / 4, 0.4))   # same reach, capped at eps (README D8)
         self.assertEqual(ev.eval_kwargs("l1", "cifar10", "high", {}), {"eps": 12.0, "steps": 100, "sparsity": 0.2})
         # attacks registered later: a module without LEVELS (defaults = medium only) and one lacking a level
         no_levels = types.ModuleType("fake_no_levels")

@@ -1,5 +1,6 @@
-"""CAS experiments (issue 8): calibration (Eq. 11) on a scripted accuracy function, the trade-off matrix mode and the
-seed aggregation of eval.py, end to end on fake data."""
+"""CAS experiments: the calibration of Eq. (11) on a scripted accuracy function, the trade-off matrix (Figs. 3/6) from
+ordinary single-attack runs and eval.py --tradeoff, and the seed aggregation of eval.py (Tables 1-2), end to end on
+fake data."""
 
 import argparse
 import json
@@ -7,12 +8,11 @@ import math
 import shutil
 import tempfile
 import unittest
-from pathlib import Path
 
 import torch
 
 import cas
-from tests.test_scripts import FAST, run_script, strip_timing
+from tests.test_scripts import FAST, run_script
 
 
 class TestCalibrationScripted(unittest.TestCase):
@@ -21,53 +21,60 @@ class TestCalibrationScripted(unittest.TestCase):
     def run_calibrate(self, acc_of_eps, names, rounds=6, lam=0.6, start=None):
         calls = []
 
-        def fake_make_arms(names_, dataset, steps, for_eval=False, eps_table=None):
-            self.assertTrue(for_eval)                          # calibration measures at evaluation strength
+        def fake_make_arms(names_, mode, dataset, steps, eps_table):
+            self.assertEqual((mode, steps), ("eval", None))      # calibration measures at full evaluation strength
             return {n: eps_table[n] for n in names_}
 
         def fake_evaluate(model, x, y, arms, batch_size, seed):
             calls.append(dict(arms))
             return {"attacks": {n: acc_of_eps[n](eps) for n, eps in arms.items()}}
 
-        args = argparse.Namespace(calib_range=(0.2, 0.6), calib_rounds=rounds, calib_lambda=lam,
-                                  eval_attack_steps=20, batch_size=8, seed=0)
+        args = argparse.Namespace(calib_range=(0.2, 0.6), calib_rounds=rounds, calib_lambda=lam, dataset="cifar10",
+                                  batch_size=8, seed=0)
         saved = cas.make_arms, cas.evaluate
         cas.make_arms, cas.evaluate = fake_make_arms, fake_evaluate
         try:
-            table, report = cas.calibrate(None, None, None, names, "cifar10", dict(start or {}), args)
+            table, report = cas.calibrate(None, None, None, names, args, dict(start or {}))
         finally:
             cas.make_arms, cas.evaluate = saved
         return table, report, calls
 
-    def test_converges_into_the_target_range(self):
-        # accuracy falls with eps; fog starts too strong (acc 0.0003), snow too weak (acc 0.998), wood already inside
-        curves = {"fog": lambda e: math.exp(-20 * e), "snow": lambda e: 1 / (1 + (e / 20) ** 4),
-                  "wood": lambda e: 0.4}
-        table, report, calls = self.run_calibrate(curves, ["linf", "fog", "snow", "wood"])
+    def test_fixed_point_of_eq_11_on_the_original_margin(self):
+        """eps_k = (lambda + acc(eps_k)) * eps with eps the ORIGINAL margin: every update starts from eps_0 (a
+        compounding rule eps <- (lambda + acc) * eps_current fails this test)."""
+        # fog starts too strong (acc 0.14 at eps 0.5), snow too weak (0.71 at its medium eps 4), wood inside
+        curves = {"fog": lambda e: math.exp(-4 * e), "snow": lambda e: 1 / (1 + (e / 5) ** 4), "wood": lambda e: 0.4}
+        table, report, calls = self.run_calibrate(curves, ["linf", "fog", "snow", "wood"], start={"fog": 0.5})
         self.assertEqual(set(report), {"fog", "snow", "wood"})   # l_p budgets are never calibrated
         self.assertNotIn("linf", table)
         for name, r in report.items():
-            self.assertTrue(r["in_range"], (name, r))
-            self.assertTrue(0.2 <= curves[name](table[name]) <= 0.6)
+            eps0 = r["history"][0][0]
             for (eps, acc), (eps_next, _) in zip(r["history"], r["history"][1:]):
-                self.assertAlmostEqual(eps_next, (0.6 + acc) * eps, places=12)   # Eq. (11)
+                self.assertFalse(0.2 <= acc <= 0.6)                                  # update only outside the range
+                self.assertAlmostEqual(eps_next, (0.6 + acc) * eps0, places=12)      # Eq. (11)
+            self.assertEqual(table[name], r["history"][-1][0])
+        self.assertEqual(report["fog"]["history"][0][0], 0.5)    # starts from the given (original) margin
+        self.assertEqual(report["snow"]["history"][0][0], 4.0)   # or the attack's CIFAR-10 medium eps
         self.assertEqual(report["wood"]["rounds"], 0)
-        self.assertLess(report["fog"]["history"][-1][0], report["fog"]["history"][0][0])   # too strong: eps shrinks
-        self.assertGreater(report["snow"]["history"][-1][0], report["snow"]["history"][0][0])  # too weak: grows
+        self.assertTrue(report["fog"]["in_range"] and report["snow"]["in_range"])
+        self.assertLess(table["fog"], 0.5)                       # too strong: eps shrinks
+        self.assertGreater(table["snow"], 4.0)                   # too weak: eps grows
         self.assertEqual(len(calls), sum(r["rounds"] + 1 for r in report.values()))
 
     def test_bounded_rounds_and_reported_failure(self):
-        # an attack whose accuracy does not depend on eps can never reach the range: stop after --calib-rounds
+        # accuracy that does not depend on eps can never reach the range: stop after --calib-rounds, say so
         table, report, _ = self.run_calibrate({"fog": lambda e: 0.9}, ["fog"], rounds=3, start={"fog": 0.1})
         self.assertFalse(report["fog"]["in_range"])
         self.assertEqual(report["fog"]["rounds"], 3)
-        self.assertAlmostEqual(table["fog"], 0.1 * 1.5 ** 3, places=12)   # (0.6 + 0.9)^3 * eps_0
+        self.assertAlmostEqual(table["fog"], 0.1 * 1.5, places=12)   # (0.6 + 0.9) * eps_0, not compounded
 
 
 class ExperimentTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.tmp = Path(tempfile.mkdtemp(prefix="cas_exp_"))
+        cls.tmp = tempfile.mkdtemp(prefix="cas_exp_")
+        from pathlib import Path
+        cls.tmp = Path(cls.tmp)
         cls.pre = cls.tmp / "pre"
         run_script("cas.py", *FAST, "--pretrain-epochs", "1", "--epochs", "0", "--out-dir", cls.pre)
 
@@ -77,65 +84,49 @@ class ExperimentTest(unittest.TestCase):
 
 
 class TestTradeoffMatrix(ExperimentTest):
-    def matrix(self, out, *extra, expect=0):
-        return run_script("cas.py", *FAST[:-1], "linf,fog,hsv", "--init-ckpt", self.pre / "model.pt",
-                          "--tradeoff-matrix", "--epochs", "1", "--max-steps", "2", "--out-dir", out, *extra,
-                          expect=expect)
+    """Figs. 3/6: rows are ordinary cas.py runs on one attack; eval.py --tradeoff turns their eval.json into the
+    matrix of accuracy changes (README: "Trade-off matrix")."""
 
-    def test_matrix_end_to_end_and_resume(self):
-        full = self.tmp / "matrix"
-        self.matrix(full)
-        mat = json.loads((full / "tradeoff_matrix.json").read_text())
-        names = ["linf", "fog", "hsv"]
-        self.assertEqual(mat["attacks"], names)
-        self.assertEqual(set(mat["rows"]), set(names))
-        for k, row in mat["rows"].items():
-            self.assertEqual(json.loads((full / "rows" / k / "args.json").read_text())["attacks"], k)  # k alone
-            for j in names:
-                self.assertAlmostEqual(row["delta"][j], row["attacks"][j] - mat["start"]["attacks"][j], places=12)
-        self.assertAlmostEqual(mat["sum"], sum(sum(r["delta"].values()) for r in mat["rows"].values()), places=12)
-        md = (full / "tradeoff_matrix.md").read_text()
-        self.assertLess(md.index("| linf | "), md.index("| fog | "))   # rows in --attacks order
-        self.assertIn(f"{100 * mat['sum']:+.1f}", md)
-        # a crash inside the first row, then the same command again: the same matrix as the uninterrupted one
-        cut = self.tmp / "matrix_cut"
-        self.matrix(cut, "--interrupt-at-step", "1", expect=3)
-        self.assertFalse((cut / "rows" / "linf" / "model.pt").exists())
-        self.matrix(cut)
-        again = json.loads((cut / "tradeoff_matrix.json").read_text())
-        self.assertEqual(strip_timing({k: strip_timing(r) for k, r in again["rows"].items()}),
-                         strip_timing({k: strip_timing(r) for k, r in mat["rows"].items()}))
-        self.assertEqual(again["sum"], mat["sum"])
+    names = ["linf", "fog", "hsv"]
 
-    def test_sequential_rows_chain_models_and_measure_against_the_previous_row(self):
-        out = self.tmp / "matrix_seq"
-        self.matrix(out, "--tradeoff-sequential", "--max-steps", "1")
-        mat = json.loads((out / "tradeoff_matrix.json").read_text())
-        self.assertTrue(mat["sequential"])
-        names = ["linf", "fog", "hsv"]
-        for prev, k in zip(names, names[1:]):
-            args = json.loads((out / "rows" / k / "args.json").read_text())
-            self.assertEqual(Path(args["init_ckpt"]), out / "rows" / prev / "model.pt")
-            for j in names:
-                self.assertAlmostEqual(mat["rows"][k]["delta"][j],
-                                       mat["rows"][k]["attacks"][j] - mat["rows"][prev]["attacks"][j], places=12)
-        self.assertIn("sequential", (out / "tradeoff_matrix.md").read_text())
-        proc = self.matrix(out, "--max-steps", "1", expect=1)   # not the same experiment: refused, nothing lost
-        self.assertIn("sequential True", proc.stderr)
+    def evaluate(self, ckpt, out, label):
+        run_script("eval.py", "--ckpt", ckpt, "--attacks", ",".join(self.names), "--steps", "1", "--n-examples",
+                   "16", "--caat-pgd", "", "--out", out, "--label", label)
+        return json.loads(out.read_text())
 
-    def test_matrix_needs_a_pretrained_model_and_the_same_attacks(self):
-        proc = run_script("cas.py", *FAST, "--tradeoff-matrix", "--out-dir", self.tmp / "m_bad", expect=1)
-        self.assertIn("--init-ckpt", proc.stderr)
-        out = self.tmp / "m_other"
-        self.matrix(out, "--eval-examples", "4", "--max-steps", "1")
-        proc = run_script("cas.py", *FAST, "--init-ckpt", self.pre / "model.pt", "--tradeoff-matrix",
-                          "--out-dir", out, expect=1)
-        self.assertIn("was made for --attacks linf,fog,hsv", proc.stderr)
+    def test_independent_and_sequential_rows(self):
+        root = self.tmp / "tradeoff"
+        start = self.evaluate(self.pre / "model.pt", root / "start.json", "start")
+        rows, prev = {}, self.pre / "model.pt"
+        for chained in (False, True):
+            for k in self.names:
+                run_dir = root / ("seq" if chained else "ind") / k
+                run_script("cas.py", *FAST[:-1], k, "--init-ckpt", prev if chained else self.pre / "model.pt",
+                           "--sampler", "sat", "--epochs", "1", "--max-steps", "1", "--out-dir", run_dir)
+                rows[chained, k] = self.evaluate(run_dir / "model.pt", run_dir / "eval.json", k)
+                prev = run_dir / "model.pt" if chained else prev
+            files = [root / "start.json"] + [root / ("seq" if chained else "ind") / k / "eval.json" for k in self.names]
+            out = root / f"matrix_{chained}"
+            run_script("eval.py", "--tradeoff", *files, *(["--tradeoff-sequential"] if chained else []), "--out", out)
+            mat = json.loads(out.with_suffix(".json").read_text())
+            self.assertEqual((mat["attacks"], sorted(mat["rows"]), mat["sequential"]), (self.names, sorted(self.names), chained))
+            for i, k in enumerate(self.names):
+                ref = rows[True, self.names[i - 1]] if chained and i else start
+                for j in self.names:
+                    want = rows[chained, k]["attacks"][j]["acc"] - ref["attacks"][j]["acc"]
+                    self.assertAlmostEqual(mat["rows"][k][j], want, places=12)
+            self.assertAlmostEqual(mat["sum"], sum(sum(r.values()) for r in mat["rows"].values()), places=12)
+            md = out.with_suffix(".md").read_text()
+            self.assertLess(md.index("| linf | "), md.index("| fog | "))
+            self.assertIn(f"{100 * mat['sum']:+.1f}", md)
+        proc = run_script("eval.py", "--tradeoff", root / "start.json", expect=2)   # one file is not a matrix
+        self.assertIn("at least one row", proc.stderr)
+        self.assertNotIn("Traceback", proc.stderr)
 
 
 class TestSeedAggregation(ExperimentTest):
     def test_seeds_then_eval_then_aggregate(self):
-        evals = {}
+        evals, train_s = {}, {}
         for sampler, seeds in (("cas", (0, 1)), ("sat", (0, 1, 2))):
             for seed in seeds:
                 run_dir = self.tmp / "t1" / sampler / f"s{seed}"
@@ -144,6 +135,8 @@ class TestSeedAggregation(ExperimentTest):
                 run_script("eval.py", "--ckpt", run_dir / "model.pt", "--attacks", "linf,l2,l1,fog", "--steps", "1",
                            "--n-examples", "16", "--label", sampler)
                 evals.setdefault(sampler, []).append(json.loads((run_dir / "eval.json").read_text()))
+                res = json.loads((run_dir / "results.json").read_text())
+                train_s.setdefault(sampler, []).append(res["time/train_s"])
         out = self.tmp / "t1" / "table1.md"
         files = sorted((self.tmp / "t1").glob("*/s*/eval.json"))
         run_script("eval.py", "--aggregate", *files, "--out", out)
@@ -157,15 +150,16 @@ class TestSeedAggregation(ExperimentTest):
                 self.assertAlmostEqual(mean, t.mean().item(), places=12)
                 self.assertAlmostEqual(std, t.std(unbiased=True).item(), places=12)
             self.assertEqual(sorted(table[sampler]["train_seeds"]), list(range(len(es))))
-            self.assertGreater(table[sampler]["wall_min"][0], 0)
+            # Table 2's column is the fine-tuning time alone (time/train_s), not the run's wall-clock
+            self.assertAlmostEqual(table[sampler]["wall_min"][0], sum(train_s[sampler]) / len(es) / 60, places=9)
         md = out.read_text()
         self.assertIn("avg. Robust", md)
         self.assertIn("| sat | 3 |", md)
-        # an incomplete or foreign file is refused with its name
-        bad = self.tmp / "bad.json"
+        bad = self.tmp / "bad.json"   # an incomplete or foreign file is refused with its name, in one line
         bad.write_text(json.dumps({"format": 0}))
-        proc = run_script("eval.py", "--aggregate", bad, expect=1)
+        proc = run_script("eval.py", "--aggregate", bad, expect=2)
         self.assertIn("not an eval.json", proc.stderr)
+        self.assertNotIn("Traceback", proc.stderr)
 
 
 if __name__ == "__main__":

@@ -57,8 +57,11 @@ class TestCasOutputs(ScriptTest):
         for f in ("args.json", "log.jsonl", "ckpt.pt", "model.pt", "results.json", "pretrain_model.pt"):
             self.assertTrue((self.base / f).is_file(), f)
         args = json.loads((self.base / "args.json").read_text())
-        self.assertEqual(args["derived"]["attacks"], ["linf", "l2", "l1"])
-        self.assertEqual(args["derived"]["weights"], [6.0, 6.0, 6.0])
+        self.assertEqual([st["name"] for st in args["stages"]], ["pretrain", "finetune"])
+        self.assertEqual((args["stages"][0]["attacks"], args["stages"][0]["beta"], args["stages"][0]["sampler"]),
+                         (["linf"], 1.0, "sat"))   # pre-training = SAT on one l_p arm with beta 1
+        self.assertEqual(args["stages"][1]["attacks"], ["linf", "l2", "l1"])
+        self.assertEqual(args["stages"][1]["weights"], [6.0, 6.0, 6.0])
         log = read_log(self.base / "log.jsonl")
         epochs = [r for r in log if "test/acc_clean" in r]
         self.assertEqual([(r["phase"], r["epoch"]) for r in epochs], [("pretrain", 1), ("finetune", 0), ("finetune", 1)])
@@ -78,6 +81,36 @@ class TestCasOutputs(ScriptTest):
         ckpt = torch.load(self.base / "ckpt.pt", weights_only=True)
         for key in ("optimizer", "scheduler", "sampler", "rng", "args", "epoch", "step"):
             self.assertIn(key, ckpt)
+
+    def test_log_schema(self):
+        """One schema (README, "Logged metrics"): kind epoch | bandit, phase, epoch counted from 1 (0 = the
+        starting model) in both kinds, step; a bandit line belongs to the epoch whose record follows it."""
+        log = read_log(self.base.parent / "schema" / "log.jsonl") if (self.base.parent / "schema").exists() else None
+        if log is None:
+            run_script("cas.py", *FAST, "--init-ckpt", self.base / "model.pt", "--epochs", "2", "--batch-size", "64",
+                       "--log-every", "2", "--out-dir", self.base.parent / "schema")
+            log = read_log(self.base.parent / "schema" / "log.jsonl")
+        for rec in log:
+            self.assertIn(rec["kind"], ("epoch", "bandit"))
+            self.assertEqual({"kind", "phase", "epoch", "step"} - set(rec), set())
+        epochs = [r for r in log if r["kind"] == "epoch"]
+        self.assertEqual([r["epoch"] for r in epochs], [0, 1, 2])
+        bandit = [r for r in log if r["kind"] == "bandit"]
+        self.assertEqual([(r["epoch"], r["step"]) for r in bandit], [(1, 2), (1, 4), (2, 6), (2, 8)])
+        for b in bandit:   # the next epoch record after a bandit line has the bandit line's epoch
+            self.assertEqual(next(e["epoch"] for e in epochs if e["step"] >= b["step"]), b["epoch"])
+            self.assertIn("cas/arm_prob/linf", b)
+        self.assertTrue(all(k.startswith(("test/", "kind", "phase", "epoch", "step", "time/")) for k in epochs[0]))
+
+    def test_table2_time_is_training_alone(self):
+        """results.json time/train_s (the paper's Table 2) = the fine-tuning epochs' training loops, no evaluation."""
+        res = json.loads((self.base / "results.json").read_text())
+        log = read_log(self.base / "log.jsonl", drop_timing=False)
+        ft = [r["time/train_s"] for r in log if r["kind"] == "epoch" and r["phase"] == "finetune" and r["epoch"]]
+        self.assertAlmostEqual(res["time/train_s"], sum(ft), places=9)
+        evals = sum(r["time/eval_s"] for r in log if "time/eval_s" in r)
+        self.assertGreater(evals, 0)
+        self.assertLess(res["time/train_s"] + res["time/pretrain_s"] + evals, res["time/total_s"] + 1e-6)
 
     def test_every_sampler_runs(self):
         for sampler in ("sat", "eat", "order", "avg"):
@@ -116,7 +149,7 @@ class TestCalibration(ScriptTest):
         self.assertEqual(hist[0][0], 0.4)        # starts from the attack's CIFAR-10 medium eps
         for (eps, acc), (eps_next, _) in zip(hist, hist[1:]):
             self.assertFalse(lo <= acc <= hi)    # an update happens only outside the target range
-            self.assertAlmostEqual(eps_next, (lam + acc) * eps, places=12)   # Eq. (11)
+            self.assertAlmostEqual(eps_next, (lam + acc) * hist[0][0], places=12)   # Eq. (11), original margin
         self.assertLessEqual(len(hist), rounds + 1)
         self.assertEqual(table["fog"], hist[-1][0])
         self.assertEqual(torch.load(out / "model.pt", weights_only=True)["eps_table"], table)
@@ -127,19 +160,21 @@ class TestCalibration(ScriptTest):
         self.assertEqual(json.loads((reuse / "results.json").read_text())["eps_table"], table)
         (self.tmp / "bad_table.json").write_text(json.dumps({"fog": -1.0}))
         proc = run_script("cas.py", *FAST, "--eps-table", self.tmp / "bad_table.json", "--out-dir", reuse / "x",
-                          expect=1)
+                          expect=2)
         self.assertIn("eps must be finite numbers >= 0", proc.stderr)
 
 
 class TestResumeAndDeterminism(ScriptTest):
     def test_resume_after_interruption_matches_uninterrupted_run(self):
         # 2 epochs x 4 steps (256 fake images, batch 64); the crash after step 6 loses half of epoch 2
-        common = [*FAST, "--init-ckpt", self.base / "model.pt", "--epochs", "2", "--batch-size", "64",
-                  "--log-every", "3"]
+        init = self.tmp / "init_moved_later.pt"
+        shutil.copy(self.base / "model.pt", init)
+        common = [*FAST, "--init-ckpt", init, "--epochs", "2", "--batch-size", "64", "--log-every", "3"]
         full, cut = self.tmp / "full", self.tmp / "cut"
         run_script("cas.py", *common, "--out-dir", full)
         run_script("cas.py", *common, "--out-dir", cut, "--interrupt-at-step", "6", expect=3)
         self.assertFalse((cut / "results.json").exists())
+        init.rename(self.tmp / "init_elsewhere.pt")   # resuming needs the run directory only
         run_script("cas.py", "--resume", cut, "--device", "cpu")
         a = json.loads((full / "results.json").read_text())
         b = json.loads((cut / "results.json").read_text())
@@ -161,34 +196,53 @@ class TestResumeAndDeterminism(ScriptTest):
 
     def test_existing_run_is_not_overwritten(self):
         proc = run_script("cas.py", *FAST, "--init-ckpt", self.base / "model.pt", "--epochs", "1", "--max-steps", "1",
-                          "--out-dir", self.base, expect=1)
+                          "--out-dir", self.base, expect=2)
         self.assertIn("--resume", proc.stderr)
 
 
 class TestBadInputs(ScriptTest):
-    def assert_error(self, args, *needles, code=1):
-        proc = run_script("cas.py", *args, expect=code)
+    def assert_error(self, args, *needles):
+        """A user error: exit 2, argparse's 'usage ... error: <one line>' naming the value, no traceback, nothing
+        written (the --out-dir is never created)."""
+        out = self.tmp / "bad_never_created"
+        proc = run_script("cas.py", *args, *([] if "--resume" in map(str, args) else ["--out-dir", out]), expect=2)
         for needle in needles:
             self.assertIn(needle, proc.stderr)
+        self.assertNotIn("Traceback", proc.stderr)
+        self.assertEqual(len([l for l in proc.stderr.splitlines() if "error:" in l]), 1, proc.stderr)
+        self.assertFalse(out.exists(), "a rejected command left a run directory")
 
-    def test_bad_inputs_give_clear_errors(self):
-        out = self.tmp / "bad"
-        self.assert_error(["--dataset", "mnist"], "invalid choice: 'mnist'", "cifar10", code=2)
-        self.assert_error([*FAST, "--attacks", "linf,nope", "--out-dir", out], "unknown attack(s) ['nope']",
-                          "registered attacks: linf")
-        self.assert_error([*FAST, "--beta", "1.5", "--out-dir", out], "--beta must lie in [0, 1]")
+    def test_bad_inputs_give_one_clear_line(self):
+        self.assert_error(["--dataset", "mnist"], "invalid choice: 'mnist'", "cifar10")
+        self.assert_error([*FAST, "--attacks", "linf,nope"], "unknown attack(s) ['nope']", "registered attacks: linf")
+        self.assert_error([*FAST, "--alpha", "-3"], "--alpha -3.0", "> 0")
+        self.assert_error([*FAST, "--beta", "1.5"], "--beta 1.5", "[0, 1]")
+        self.assert_error([*FAST, "--batch-size", "0"], "--batch-size 0", ">= 1")
+        self.assert_error([*FAST, "--window", "1"], "--window 1", ">= 2")
+        self.assert_error([*FAST, "--eps", "0.03"], "unrecognized arguments: --eps")   # no prefix matching
         empty = self.tmp / "empty_data"
-        empty.mkdir()
-        self.assert_error(["--dataset", "cifar10", "--data-dir", empty, "--no-download", "--out-dir", out],
+        empty.mkdir(exist_ok=True)
+        self.assert_error(["--dataset", "cifar10", "--data-dir", empty, "--no-download"],
                           "cifar-10-batches-py/data_batch_1", str(empty))
-        self.assert_error([*FAST[:4], "--width", "16", *FAST[6:], "--init-ckpt", self.base / "model.pt",
-                           "--out-dir", out], "shape mismatches", "conv1.weight")
+        self.assert_error([*FAST[:4], "--width", "16", *FAST[6:], "--init-ckpt", self.base / "model.pt"],
+                          "shape mismatches", "conv1.weight")
         torch.save({"model": torch.nn.Linear(2, 2)}, self.tmp / "module.pt")   # a pickled module, not weights
-        self.assert_error([*FAST, "--init-ckpt", self.tmp / "module.pt", "--out-dir", out],
-                          "not a plain weights checkpoint")
+        self.assert_error([*FAST, "--init-ckpt", self.tmp / "module.pt"], "not a plain weights checkpoint")
         torch.save({"epoch": 3, "note": "no weights"}, self.tmp / "noweights.pt")
-        self.assert_error([*FAST, "--init-ckpt", self.tmp / "noweights.pt", "--out-dir", out], "not a state_dict")
-        self.assert_error([*FAST, "--resume", self.tmp / "missing_run"], "checkpoint not found")
+        self.assert_error([*FAST, "--init-ckpt", self.tmp / "noweights.pt"], "not a state_dict")
+        self.assert_error([*FAST, "--init-ckpt", self.tmp / "missing.pt"], "checkpoint not found")
+        self.assert_error(["--resume", self.tmp / "missing_run"], "checkpoint not found")
+        self.assert_error(["--resume", self.base / "model.pt"], "not a ckpt.pt written by cas.py")
+
+    def test_other_scripts_reject_bad_input_the_same_way(self):
+        for script in ("caat_meta.py", "caat_reinforce.py"):
+            with self.subTest(script=script):
+                proc = run_script(script, "--dataset", "fake", "--batch-size", "0", expect=2)
+                self.assertIn("--batch-size 0", proc.stderr)
+                self.assertNotIn("Traceback", proc.stderr)
+        proc = run_script("eval.py", "--ckpt", self.tmp / "missing.pt", expect=2)
+        self.assertIn("checkpoint not found", proc.stderr)
+        self.assertNotIn("Traceback", proc.stderr)
 
 
 if __name__ == "__main__":
