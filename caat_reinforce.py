@@ -407,7 +407,7 @@ def strategy_log(acc, n_steps, n_policy):
 # ----------------------------------------------------------------------------------------------------------------
 
 def main(args):
-    resume = load_resume(args)
+    resume = load_resume(args.resume, SCRIPT, "policy") if args.resume else None
     if resume is not None:   # the run's settings from the checkpoint; device and testing aid from this command line
         args = argparse.Namespace(**{**resume["args"], "resume": args.resume, "device": args.device,
                                      "interrupt_at_step": args.interrupt_at_step})
@@ -566,42 +566,6 @@ def model_meta(args, data):
             "std": list(data["std"]), "method": "reinforce-caat"}
 
 
-def load_resume(args):
-    if not args.resume:
-        return None
-    path = Path(args.resume)
-    path = path / "ckpt.pt" if path.is_dir() else path
-    ckpt = load_checkpoint(path)
-    if "policy" not in ckpt or "args" not in ckpt:
-        raise ValueError(f"--resume expects a ckpt.pt written by {SCRIPT}.py, got {path} (keys {sorted(ckpt)})")
-    ckpt["args"]["out_dir"] = str(path.parent)
-    return ckpt
-
-
-def capture_rng(data_gen):
-    rng = {"torch": torch.get_rng_state(), "data": data_gen.get_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return rng
-
-
-def restore_rng(rng, data_gen):
-    torch.set_rng_state(rng["torch"])
-    data_gen.set_state(rng["data"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-def truncate_log(path, step):
-    """On resume, keep only log lines up to the checkpoint's step (later ones are re-written identically)."""
-    if not path.exists():
-        return
-    lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(l + "\n" for l in lines))
-    os.replace(tmp, path)
-
-
 # ==== BEGIN SHARED: common-flags (canonical: cas.py; identical in caat_meta.py, caat_reinforce.py; tests/test_copies.py) ====
 def fraction(s: str) -> float:
     """argparse type that accepts fractions: --eps 8/255."""
@@ -742,6 +706,38 @@ def save_checkpoint(path, obj):
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+def load_resume(path, script, key):
+    """The ckpt.pt of a run of `script` (given as its run directory or the file), holding `key`; resume with it."""
+    path = Path(path) / "ckpt.pt" if Path(path).is_dir() else Path(path)
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or key not in ckpt or "args" not in ckpt:
+        raise ValueError(f"--resume {path}: not a ckpt.pt written by {script}.py")
+    ckpt["args"]["out_dir"] = str(path.parent)
+    return ckpt
+
+
+def capture_rng(*generators):
+    """torch's global RNG (CPU and every CUDA device) and the given generators' states: an exact resume."""
+    rng = {"torch": torch.get_rng_state(), "generators": [g.get_state() for g in generators]}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def restore_rng(rng, *generators):
+    torch.set_rng_state(rng["torch"])
+    for g, state in zip(generators, rng["generators"]):
+        g.set_state(state)
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def truncate_log(path, step):
+    """On resume, keep only the log lines up to the checkpoint's step (later ones are written again, identically)."""
+    if path.exists():
+        lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+        write_text(path, "".join(l + "\n" for l in lines))
 # ==== END SHARED: run-dir ====
 
 
@@ -859,20 +855,20 @@ FAKE_SIZES = (256, 64)   # train / test images of --dataset fake
 
 def ensure_files(name, root, download):
     """Make sure the dataset files exist under root; download them if allowed, else a clear FileNotFoundError."""
-    spec = DATASETS[name]
-    missing = [f for f in spec["files"] if not (root / f).exists()]
+    ds = DATASETS[name]
+    missing = [f for f in ds["files"] if not (root / f).exists()]
     if missing and download:
         try:
             from torchvision.datasets.utils import download_and_extract_archive, download_url
-            for url, md5 in spec["urls"]:
+            for url, md5 in ds["urls"]:
                 (download_and_extract_archive if url.endswith(".tar.gz") else download_url)(url, str(root), md5=md5)
         except Exception as e:   # offline, proxy, disk: name the files the user must provide
             raise FileNotFoundError(f"{name}: could not download ({type(e).__name__}: {e}); put "
-                                    f"{', '.join(spec['files'])} under --data-dir {root}") from e
-        missing = [f for f in spec["files"] if not (root / f).exists()]
+                                    f"{', '.join(ds['files'])} under --data-dir {root}") from e
+        missing = [f for f in ds["files"] if not (root / f).exists()]
     if missing:
         raise FileNotFoundError(f"{name}: missing {', '.join(missing)} under --data-dir {root}; download them from "
-                                f"{', '.join(u for u, _ in spec['urls'])} (or drop --no-download)")
+                                f"{', '.join(u for u, _ in ds['urls'])} (or drop --no-download)")
 
 
 def read_split(name, root, train):
@@ -905,7 +901,7 @@ def fake_split(n, seed, num_classes=10):
 
 def make_datasets(args, device):
     """Whole train/test sets as uint8 tensors on `device` (augmentation happens batched on the device)."""
-    spec = DATASETS[args.dataset]
+    ds = DATASETS[args.dataset]
     if args.dataset == "fake":
         (tx, ty), (vx, vy) = fake_split(FAKE_SIZES[0], 0), fake_split(FAKE_SIZES[1], 1)
     else:
@@ -913,9 +909,9 @@ def make_datasets(args, device):
         (tx, ty), (vx, vy) = (read_split(args.dataset, Path(args.data_dir), t) for t in (True, False))
     tx, ty = (tx[: args.train_subset], ty[: args.train_subset]) if args.train_subset else (tx, ty)
     vx, vy = (vx[: args.test_subset], vy[: args.test_subset]) if args.test_subset else (vx, vy)
-    mean, std = (spec["mean"], spec["std"]) if args.input_norm == "dataset" else ((0.0,) * 3, (1.0,) * 3)
+    mean, std = (ds["mean"], ds["std"]) if args.input_norm == "dataset" else ((0.0,) * 3, (1.0,) * 3)
     return {"train_x": tx.to(device), "train_y": ty.to(device), "test_x": vx.to(device), "test_y": vy.to(device),
-            "num_classes": spec["num_classes"], "mean": mean, "std": std, "augment": spec["augment"]}
+            "num_classes": ds["num_classes"], "mean": mean, "std": std, "augment": ds["augment"]}
 
 
 def to_float(x_u8):

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attacks
-from attacks import ATTACKS, attack_settings
+from attacks import ATTACKS, attack_settings, load_eps_table
 
 SCRIPT = "cas"
 SAMPLERS = ("cas", "sat", "eat", "order", "avg")
@@ -80,7 +80,7 @@ def make_parser():
 def check_args(args):
     """CAS flags outside their meaning (the common ones are checked by check_common_args)."""
     if args.resume:
-        return load_resume(args.resume) and None
+        return load_resume(args.resume, SCRIPT, "sampler") and None
     if not args.alpha > 0:
         raise ValueError(f"--alpha {args.alpha}: must be > 0 (Eq. 9; the paper sweeps 1-50, a negative alpha "
                          f"inverts the bandit's preference)")
@@ -219,6 +219,53 @@ class CASSampler(_Sampler):
         self.last_two = [list(r) for r in d["last_two"]]
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# One training iteration (Alg. 1, lines 9-14)
+# ----------------------------------------------------------------------------------------------------------------
+
+def train_step(model, optimizer, x, y, arms, weights, sampler, beta, amp):
+    """One iteration of Alg. 1 (or of AVG when sampler is None); returns host-side stats after ONE host sync."""
+    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp)
+    names = list(arms)
+    picked = list(range(len(names))) if sampler is None else [sampler.sample()]     # Alg. 1, line 9
+    model.eval()   # attacks are generated in eval mode (BN running stats frozen); README D3
+    x_adv = [arms[names[v]](model, x, y) for v in picked]   # Alg. 1, line 11 (AVG: every arm, all before training)
+    eat_correct = torch.zeros((), device=x.device)
+    if isinstance(sampler, EATSampler):
+        # DEVIATION: E-AT counts a point robust if it is correct at EVERY attack iterate; our attacks return only the
+        # final iterate, so it is counted there -- in eval mode and fp32 as E-AT does; one extra forward (README D9)
+        with torch.no_grad():
+            eat_correct = (model(x_adv[0]).argmax(1) == y).sum()
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    wsum, ce, clean = sum(weights[v] for v in picked), [], torch.zeros((), device=x.device)
+    for v, xa in zip(picked, x_adv):
+        with autocast:
+            ce.append(F.cross_entropy(model(xa), y))                                    # CE(f(x_adv), y)
+            if len(picked) == 1 and beta < 1:
+                clean = F.cross_entropy(model(x), y)
+                loss = beta * ce[-1] + (1 - beta) * clean                               # Eq. (8), Alg. 1, line 12
+            else:   # beta = 1, or AVG: gradients accumulated arm by arm (the memory of one attack at a time)
+                loss = beta * weights[v] / wsum * ce[-1]
+        loss.backward()
+    if len(picked) > 1 and beta < 1:   # AVG: sum_v w_v Eq.(8)_v / sum_v w_v; its clean term is computed once
+        with autocast:
+            clean = F.cross_entropy(model(x), y)
+        ((1 - beta) * clean).backward()
+    optimizer.step()                                                                    # Alg. 1, line 13
+    stats = torch.stack([c.detach().float() for c in ce] + [clean.detach().float(), eat_correct.float()]).tolist()
+    *ce_v, clean_v, correct = stats                                                     # the one host sync above
+    if sampler is not None:
+        sampler.update(picked[0], ce_v[0], correct=int(correct), total=len(y))          # Alg. 1, lines 10 and 14
+    loss_adv = sum(weights[v] * c for v, c in zip(picked, ce_v)) / wsum
+    return {"arm": picked[0] if sampler is not None else -1, "loss_adv": loss_adv,
+            "loss": beta * loss_adv + (1 - beta) * clean_v}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The baselines (Sec. 5.1), behind the same interface
+# ----------------------------------------------------------------------------------------------------------------
+
 class SATSampler(_Sampler):
     """SAT (Madaan et al. 2021): a fixed pi_v proportional to w_v (uniform when all weights are 1)."""
 
@@ -290,49 +337,6 @@ def make_sampler(kind, weights, args):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# One training iteration (Alg. 1, lines 9-14)
-# ----------------------------------------------------------------------------------------------------------------
-
-def train_step(model, optimizer, x, y, arms, weights, sampler, beta, amp):
-    """One iteration of Alg. 1 (or of AVG when sampler is None); returns host-side stats after ONE host sync."""
-    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp)
-    names = list(arms)
-    picked = list(range(len(names))) if sampler is None else [sampler.sample()]     # Alg. 1, line 9
-    model.eval()   # attacks are generated in eval mode (BN running stats frozen); README D3
-    x_adv = [arms[names[v]](model, x, y) for v in picked]   # Alg. 1, line 11 (AVG: every arm, all before training)
-    eat_correct = torch.zeros((), device=x.device)
-    if isinstance(sampler, EATSampler):
-        # DEVIATION: E-AT counts a point robust if it is correct at EVERY attack iterate; our attacks return only the
-        # final iterate, so it is counted there -- in eval mode and fp32 as E-AT does; one extra forward (README D9)
-        with torch.no_grad():
-            eat_correct = (model(x_adv[0]).argmax(1) == y).sum()
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
-    wsum, ce, clean = sum(weights[v] for v in picked), [], torch.zeros((), device=x.device)
-    for v, xa in zip(picked, x_adv):
-        with autocast:
-            ce.append(F.cross_entropy(model(xa), y))                                    # CE(f(x_adv), y)
-            if len(picked) == 1 and beta < 1:
-                clean = F.cross_entropy(model(x), y)
-                loss = beta * ce[-1] + (1 - beta) * clean                               # Eq. (8), Alg. 1, line 12
-            else:   # beta = 1, or AVG: gradients accumulated arm by arm (the memory of one attack at a time)
-                loss = beta * weights[v] / wsum * ce[-1]
-        loss.backward()
-    if len(picked) > 1 and beta < 1:   # AVG: sum_v w_v Eq.(8)_v / sum_v w_v; its clean term is computed once
-        with autocast:
-            clean = F.cross_entropy(model(x), y)
-        ((1 - beta) * clean).backward()
-    optimizer.step()                                                                    # Alg. 1, line 13
-    stats = torch.stack([c.detach().float() for c in ce] + [clean.detach().float(), eat_correct.float()]).tolist()
-    *ce_v, clean_v, correct = stats                                                     # the one host sync above
-    if sampler is not None:
-        sampler.update(picked[0], ce_v[0], correct=int(correct), total=len(y))          # Alg. 1, lines 10 and 14
-    loss_adv = sum(weights[v] * c for v, c in zip(picked, ce_v)) / wsum
-    return {"arm": picked[0] if sampler is not None else -1, "loss_adv": loss_adv,
-            "loss": beta * loss_adv + (1 - beta) * clean_v}
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Arms and their budgets: attack strength comes from attacks.attack_settings (README D8), budgets from Eq. (11)
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -340,23 +344,6 @@ def make_arms(names, mode, dataset, steps, eps_table):
     """{name: fn(model, x, y) -> x_adv} at training or evaluation strength, eps from the table where it has one."""
     return {n: partial(ATTACKS[n], **attack_settings(n, mode, dataset=dataset, eps=eps_table.get(n), steps=steps))
             for n in names}
-
-
-def load_eps_table(path):
-    """--eps-table: JSON {attack: eps}, registered names, finite eps >= 0 (eval.py reads the same file)."""
-    if not path:
-        return {}
-    try:
-        table = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--eps-table {path}: cannot read a JSON object ({e})")
-    if not isinstance(table, dict):
-        raise ValueError(f"--eps-table {path}: expected a JSON object {{attack: eps}}, got {type(table).__name__}")
-    attacks.registered(list(table))
-    bad = {k: v for k, v in table.items() if not isinstance(v, (int, float)) or not 0 <= v < math.inf}
-    if bad:
-        raise ValueError(f"--eps-table {path}: eps must be finite numbers >= 0, got {bad}")
-    return {k: float(v) for k, v in table.items()}
 
 
 def calibrate(model, x_u8, y, names, args, eps_table):
@@ -429,7 +416,7 @@ def make_schedule(optimizer, kind, total_steps):
 # ----------------------------------------------------------------------------------------------------------------
 
 def main(args):
-    resume = load_resume(args.resume) if args.resume else None
+    resume = load_resume(args.resume, SCRIPT, "sampler") if args.resume else None
     if resume is not None:   # the run's settings from its checkpoint; where to run (and the testing aid) from here
         args = argparse.Namespace(**{**resume["args"], "resume": args.resume, "device": args.device,
                                      "interrupt_at_step": args.interrupt_at_step})
@@ -441,10 +428,9 @@ def main(args):
     if resume is None:
         write_json(out_dir / "args.json", {**vars(args), "stages": [s._asdict() for s in stages], **run_info(device)})
     data = make_datasets(args, device)
+    data["test_x"], data["test_y"] = data["test_x"][: args.eval_examples], data["test_y"][: args.eval_examples]
     model = build_model(data["num_classes"], data["mean"], data["std"], args.width, args.activation).to(device)
     model = model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
-    test_x, test_y = data["test_x"][: args.eval_examples], data["test_y"][: args.eval_examples]
-    steps_per_epoch = math.ceil(len(data["train_y"]) / args.batch_size)
     data_gen = torch.Generator().manual_seed(args.seed)       # shuffling + augmentation, independent of the model
     state = {"stage": 0, "epoch": 0, "step": 0, "results": {}, "train_s": {}, "wall_s": 0.0,
              "eps_table": load_eps_table(args.eps_table)}
@@ -461,35 +447,20 @@ def main(args):
         st = stages[s_idx]
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                     weight_decay=args.weight_decay)
-        scheduler = make_schedule(optimizer, st.schedule, st.epochs * steps_per_epoch)
+        scheduler = make_schedule(optimizer, st.schedule, st.epochs * math.ceil(len(data["train_y"]) / args.batch_size))
         sampler = make_sampler(st.sampler, st.weights, args)
         if resume is not None and s_idx == resume["stage"]:
-            optimizer.load_state_dict(resume["optimizer"])
-            scheduler.load_state_dict(resume["scheduler"])
-            sampler.load_state_dict(resume["sampler"]) if sampler is not None else None
+            for obj, key in ((optimizer, "optimizer"), (scheduler, "scheduler"), (sampler, "sampler")):
+                obj.load_state_dict(resume[key]) if obj is not None else None
         elif st.name == "finetune":
-            if args.calibrate:                                # Eq. (11) on the starting model, training images
-                n = args.calib_examples
-                state["eps_table"], report = calibrate(model, data["train_x"][:n], data["train_y"][:n], st.attacks,
-                                                       args, state["eps_table"])
-                write_json(out_dir / "eps_table.json", state["eps_table"])
-                write_json(out_dir / "calibration.json", report)
-            if st.epochs:                                     # epoch 0 = the starting model: "before" of results.json
-                state["results"]["initial"] = evaluate_and_log(
-                    model, test_x, test_y, make_arms(st.attacks, "eval", args.dataset, args.eval_attack_steps or None,
-                                                     state["eps_table"]), st, args, out_dir,
-                    {"kind": "epoch", "phase": st.name, "epoch": 0, "step": state["step"]})
+            begin_finetune(model, data, st, args, state, out_dir)   # Eq. (11) calibration, the starting model's eval
         train_arms = make_arms(st.attacks, "train", args.dataset, args.attack_steps, state["eps_table"])
         eval_arms = make_arms(st.attacks, "eval", args.dataset, args.eval_attack_steps or None, state["eps_table"])
         for epoch in range(state["epoch"], st.epochs):
-            stats, stopped = train_epoch(model, optimizer, scheduler, sampler, train_arms, st, data, data_gen, args,
-                                         state, out_dir, epoch, steps_per_epoch)
-            state["train_s"][st.name] = state["train_s"].get(st.name, 0.0) + stats["time/train_s"]
-            last = epoch + 1 == st.epochs or stopped
-            record = {"kind": "epoch", "phase": st.name, "epoch": epoch + 1, "step": state["step"],
-                      "lr": optimizer.param_groups[0]["lr"], **stats, **bandit_state(sampler, st.attacks)}
+            record, last = train_epoch(model, optimizer, scheduler, sampler, train_arms, st, data, data_gen, args, state,
+                                       out_dir)
             if (epoch + 1) % args.eval_every == 0 or last:
-                state["results"][st.name] = evaluate_and_log(model, test_x, test_y, eval_arms, st, args, out_dir, record)
+                state["results"][st.name] = evaluate_and_log(model, data, eval_arms, st, args, out_dir, record)
             else:
                 log_epoch(out_dir, record)
             state.update(epoch=st.epochs if last else epoch + 1, wall_s=time.time() - t_start)
@@ -503,30 +474,30 @@ def main(args):
             save_checkpoint(out_dir / "pretrain_model.pt", {"format": 1, "model": model.state_dict(),
                                                             "args": vars(args), **model_meta(args, data, st)})
         state.update(stage=s_idx + 1, epoch=0)
-
-    final = stages[-1]
-    save_checkpoint(out_dir / "model.pt", {"format": 1, "model": model.state_dict(), "args": vars(args),
-                                           **model_meta(args, data, final, state["eps_table"])})
-    results = {"initial": state["results"].get("initial"), "final": state["results"].get("finetune"),
-               "pretrain": state["results"].get("pretrain"), "steps": state["step"],
-               "time/train_s": state["train_s"].get("finetune", 0.0),       # Table 2: fine-tuning time alone (D13)
-               "time/pretrain_s": state["train_s"].get("pretrain", 0.0), "time/total_s": time.time() - t_start,
-               "attacks": final.attacks, "weights": final.weights, "sampler": args.sampler,
-               "eval_examples": len(test_y), "eps_table": state["eps_table"]}
-    write_json(out_dir / "results.json", results)
-    print(f"done: fine-tuning {results['time/train_s']:.1f}s of training, {results['time/total_s']:.1f}s in all; "
-          f"{out_dir / 'results.json'}", flush=True)
-    return results
+    return finish(model, data, stages[-1], args, state, out_dir, time.time() - t_start)
 
 
-def train_epoch(model, optimizer, scheduler, sampler, arms, stage, data, data_gen, args, state, out_dir, epoch,
-                steps_per_epoch):
-    """One pass over the shuffled, augmented training set (a bandit log line every --log-every iterations).
+def begin_finetune(model, data, stage, args, state, out_dir):
+    """Before Alg. 1: calibrate the semantic budgets (Eq. 11, --calibrate) on the first training images, then
+    evaluate the starting model (epoch 0 of log.jsonl, "initial" of results.json)."""
+    if args.calibrate:
+        n = args.calib_examples
+        state["eps_table"], report = calibrate(model, data["train_x"][:n], data["train_y"][:n], stage.attacks, args,
+                                               state["eps_table"])
+        write_json(out_dir / "eps_table.json", state["eps_table"])
+        write_json(out_dir / "calibration.json", report)
+    if stage.epochs:
+        arms = make_arms(stage.attacks, "eval", args.dataset, args.eval_attack_steps or None, state["eps_table"])
+        state["results"]["initial"] = evaluate_and_log(model, data, arms, stage, args, out_dir, {
+            "kind": "epoch", "phase": stage.name, "epoch": 0, "step": state["step"]})
 
-    Returns the epoch's training stats (time/train_s: the training loop alone, no evaluation) and whether
-    --max-steps stopped the stage."""
+
+def train_epoch(model, optimizer, scheduler, sampler, arms, stage, data, data_gen, args, state, out_dir):
+    """One pass over the shuffled, augmented training set, with a bandit log line every --log-every iterations.
+
+    Returns the epoch's log record (time/train_s: the training loop alone) and whether the stage ends with it."""
     t0, seen, window = time.time(), [], []
-    stage_step = epoch * steps_per_epoch
+    epoch, stage_step = state["epoch"], state["epoch"] * math.ceil(len(data["train_y"]) / args.batch_size)
     for x, y in iterate_batches(data["train_x"], data["train_y"], args.batch_size, data_gen, augment=data["augment"]):
         s = train_step(model, optimizer, x, y, arms, stage.weights, sampler, stage.beta, args.amp)
         scheduler.step()
@@ -543,12 +514,31 @@ def train_epoch(model, optimizer, scheduler, sampler, arms, stage, data, data_ge
             window = []
         if args.max_steps and stage_step >= args.max_steps:
             break
-    n = sum(s["n"] for s in seen)
-    stats = {"train/loss": sum(s["loss"] * s["n"] for s in seen) / n,
-             "train/loss_adv": sum(s["loss_adv"] * s["n"] for s in seen) / n, "time/train_s": time.time() - t0}
+    n, train_s = sum(s["n"] for s in seen), time.time() - t0
+    state["train_s"][stage.name] = state["train_s"].get(stage.name, 0.0) + train_s      # Table 2 (README D13)
+    record = {"kind": "epoch", "phase": stage.name, "epoch": epoch + 1, "step": state["step"],
+              "lr": optimizer.param_groups[0]["lr"], "train/loss": sum(s["loss"] * s["n"] for s in seen) / n,
+              "train/loss_adv": sum(s["loss_adv"] * s["n"] for s in seen) / n, "time/train_s": train_s,
+              **bandit_state(sampler, stage.attacks)}
     if sampler is not None:
-        stats.update({f"train/pulls/{a}": sum(s["arm"] == v for s in seen) for v, a in enumerate(stage.attacks)})
-    return stats, bool(args.max_steps and stage_step >= args.max_steps)
+        record.update({f"train/pulls/{a}": sum(s["arm"] == v for s in seen) for v, a in enumerate(stage.attacks)})
+    return record, epoch + 1 == stage.epochs or bool(args.max_steps and stage_step >= args.max_steps)
+
+
+def finish(model, data, stage, args, state, out_dir, wall_s):
+    """model.pt (weights + what eval.py needs) and results.json: before/after, steps, Table 2's fine-tuning time."""
+    save_checkpoint(out_dir / "model.pt", {"format": 1, "model": model.state_dict(), "args": vars(args),
+                                           **model_meta(args, data, stage, state["eps_table"])})
+    results = {"initial": state["results"].get("initial"), "final": state["results"].get("finetune"),
+               "pretrain": state["results"].get("pretrain"), "steps": state["step"],
+               "time/train_s": state["train_s"].get("finetune", 0.0),       # Table 2: fine-tuning time alone (D13)
+               "time/pretrain_s": state["train_s"].get("pretrain", 0.0), "time/total_s": wall_s,
+               "attacks": stage.attacks, "weights": stage.weights, "sampler": args.sampler,
+               "eval_examples": len(data["test_y"]), "eps_table": state["eps_table"]}
+    write_json(out_dir / "results.json", results)
+    print(f"done: fine-tuning {results['time/train_s']:.1f}s of training, {wall_s:.1f}s in all; "
+          f"{out_dir / 'results.json'}", flush=True)
+    return results
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -565,12 +555,12 @@ def bandit_state(sampler, names):
             (f"cas/pulls/{n}", sampler.pulls[i]), (f"cas/r_self/{n}", r_self[i]), (f"cas/r_tradeoff/{n}", r_trade[i]))}
 
 
-def evaluate_and_log(model, x, y, arms, stage, args, out_dir, record):
-    """Robust accuracy on the fixed test subset, then one log.jsonl line and one console line."""
+def evaluate_and_log(model, data, arms, stage, args, out_dir, record):
+    """Robust accuracy on the fixed test subset (the first --eval-examples), one log.jsonl line, one console line."""
     t0 = time.time()
     # DEVIATION: per-epoch robust accuracy uses PGD / the attacks themselves, not AutoAttack (Sec. 5.1); eval.py runs
     # AutoAttack on the final model (README D8)
-    res = evaluate(model, x, y, arms, args.batch_size, args.seed)
+    res = evaluate(model, data["test_x"], data["test_y"], arms, args.batch_size, args.seed)
     agg = aggregate(res["attacks"], stage.weights, stage.attacks, scenario(args))
     log_epoch(out_dir, {**record, "test/acc_clean": res["clean"], **{f"test/acc/{n}": a for n, a in
                                                                         res["attacks"].items()},
@@ -594,37 +584,6 @@ def model_meta(args, data, stage, eps_table=None):
             "num_classes": data["num_classes"], "dataset": args.dataset, "mean": list(data["mean"]),
             "std": list(data["std"]), "attacks": stage.attacks, "weights": stage.weights,
             "eps_table": dict(eps_table or {})}
-
-
-def load_resume(path):
-    path = Path(path) / "ckpt.pt" if Path(path).is_dir() else Path(path)
-    ckpt = load_checkpoint(path)
-    if not isinstance(ckpt, dict) or "optimizer" not in ckpt or "stage" not in ckpt:
-        raise ValueError(f"--resume {path}: not a ckpt.pt written by {SCRIPT}.py")
-    ckpt["args"]["out_dir"] = str(path.parent)
-    return ckpt
-
-
-def capture_rng(data_gen):
-    rng = {"torch": torch.get_rng_state(), "data": data_gen.get_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return rng
-
-
-def restore_rng(rng, data_gen):
-    torch.set_rng_state(rng["torch"])
-    data_gen.set_state(rng["data"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-def truncate_log(path, step):
-    """On resume, keep only the log lines up to the checkpoint's step (later ones are written again, identically)."""
-    if path.exists():
-        lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-        write_text(path, "".join(l + "\n" for l in lines))
-
 
 
 # ==== BEGIN SHARED: common-flags (canonical: cas.py; identical in caat_meta.py, caat_reinforce.py; tests/test_copies.py) ====
@@ -767,6 +726,38 @@ def save_checkpoint(path, obj):
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+def load_resume(path, script, key):
+    """The ckpt.pt of a run of `script` (given as its run directory or the file), holding `key`; resume with it."""
+    path = Path(path) / "ckpt.pt" if Path(path).is_dir() else Path(path)
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or key not in ckpt or "args" not in ckpt:
+        raise ValueError(f"--resume {path}: not a ckpt.pt written by {script}.py")
+    ckpt["args"]["out_dir"] = str(path.parent)
+    return ckpt
+
+
+def capture_rng(*generators):
+    """torch's global RNG (CPU and every CUDA device) and the given generators' states: an exact resume."""
+    rng = {"torch": torch.get_rng_state(), "generators": [g.get_state() for g in generators]}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def restore_rng(rng, *generators):
+    torch.set_rng_state(rng["torch"])
+    for g, state in zip(generators, rng["generators"]):
+        g.set_state(state)
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def truncate_log(path, step):
+    """On resume, keep only the log lines up to the checkpoint's step (later ones are written again, identically)."""
+    if path.exists():
+        lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+        write_text(path, "".join(l + "\n" for l in lines))
 # ==== END SHARED: run-dir ====
 
 
@@ -884,20 +875,20 @@ FAKE_SIZES = (256, 64)   # train / test images of --dataset fake
 
 def ensure_files(name, root, download):
     """Make sure the dataset files exist under root; download them if allowed, else a clear FileNotFoundError."""
-    spec = DATASETS[name]
-    missing = [f for f in spec["files"] if not (root / f).exists()]
+    ds = DATASETS[name]
+    missing = [f for f in ds["files"] if not (root / f).exists()]
     if missing and download:
         try:
             from torchvision.datasets.utils import download_and_extract_archive, download_url
-            for url, md5 in spec["urls"]:
+            for url, md5 in ds["urls"]:
                 (download_and_extract_archive if url.endswith(".tar.gz") else download_url)(url, str(root), md5=md5)
         except Exception as e:   # offline, proxy, disk: name the files the user must provide
             raise FileNotFoundError(f"{name}: could not download ({type(e).__name__}: {e}); put "
-                                    f"{', '.join(spec['files'])} under --data-dir {root}") from e
-        missing = [f for f in spec["files"] if not (root / f).exists()]
+                                    f"{', '.join(ds['files'])} under --data-dir {root}") from e
+        missing = [f for f in ds["files"] if not (root / f).exists()]
     if missing:
         raise FileNotFoundError(f"{name}: missing {', '.join(missing)} under --data-dir {root}; download them from "
-                                f"{', '.join(u for u, _ in spec['urls'])} (or drop --no-download)")
+                                f"{', '.join(u for u, _ in ds['urls'])} (or drop --no-download)")
 
 
 def read_split(name, root, train):
@@ -930,7 +921,7 @@ def fake_split(n, seed, num_classes=10):
 
 def make_datasets(args, device):
     """Whole train/test sets as uint8 tensors on `device` (augmentation happens batched on the device)."""
-    spec = DATASETS[args.dataset]
+    ds = DATASETS[args.dataset]
     if args.dataset == "fake":
         (tx, ty), (vx, vy) = fake_split(FAKE_SIZES[0], 0), fake_split(FAKE_SIZES[1], 1)
     else:
@@ -938,9 +929,9 @@ def make_datasets(args, device):
         (tx, ty), (vx, vy) = (read_split(args.dataset, Path(args.data_dir), t) for t in (True, False))
     tx, ty = (tx[: args.train_subset], ty[: args.train_subset]) if args.train_subset else (tx, ty)
     vx, vy = (vx[: args.test_subset], vy[: args.test_subset]) if args.test_subset else (vx, vy)
-    mean, std = (spec["mean"], spec["std"]) if args.input_norm == "dataset" else ((0.0,) * 3, (1.0,) * 3)
+    mean, std = (ds["mean"], ds["std"]) if args.input_norm == "dataset" else ((0.0,) * 3, (1.0,) * 3)
     return {"train_x": tx.to(device), "train_y": ty.to(device), "test_x": vx.to(device), "test_y": vy.to(device),
-            "num_classes": spec["num_classes"], "mean": mean, "std": std, "augment": spec["augment"]}
+            "num_classes": ds["num_classes"], "mean": mean, "std": std, "augment": ds["augment"]}
 
 
 def to_float(x_u8):

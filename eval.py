@@ -29,12 +29,10 @@ The schema of eval.json is in README.md#evalpy.
 """
 
 import argparse
-import inspect
 import json
 import math
 import os
 import random
-import sys
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -45,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attacks
-from attacks import ATTACKS, DEFAULT_EPS, attack_settings
+from attacks import ATTACKS, DEFAULT_EPS, attack_settings, load_eps_table
 
 SCRIPT = "eval"
 FORMAT = 1
@@ -164,22 +162,6 @@ def ordered(names):
     """Attack names in the papers' order (attacks.ALL, then the registry, then unknown names sorted)."""
     rank = {n: i for i, n in enumerate(attack_names("all"))}
     return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
-
-
-def load_eps_table(path):
-    """--eps-table: a JSON {name: eps} (or {"eps": {name: eps}}) with registered names and finite eps >= 0."""
-    if not path:
-        return {}
-    table = json.loads(Path(path).read_text())
-    if isinstance(table, dict) and isinstance(table.get("eps"), dict):
-        table = table["eps"]
-    if not isinstance(table, dict):
-        raise ValueError(f"--eps-table {path}: expected a JSON object {{name: eps}}, got {type(table).__name__}")
-    attacks.registered(list(table))
-    bad = {k: v for k, v in table.items() if not isinstance(v, (int, float)) or not 0 <= v < math.inf}
-    if bad:
-        raise ValueError(f"--eps-table {path}: eps must be finite numbers >= 0, got {bad}")
-    return {k: float(v) for k, v in table.items()}
 
 
 def eval_kwargs(name, dataset, level, eps_table, steps=0):
@@ -564,11 +546,11 @@ def check_args(args):
 
 def load_model(args, meta, dataset, device):
     """The model from our metadata (flags override it) or, for a plain state_dict, from the flags alone."""
-    spec = DATASETS[dataset]
+    ds = DATASETS[dataset]
     norm_from = args.input_norm or ("metadata" if meta else "dataset")
-    mean, std = {"metadata": (None, None), "dataset": (spec["mean"], spec["std"]),
+    mean, std = {"metadata": (None, None), "dataset": (ds["mean"], ds["std"]),
                  "none": ((0.0,) * 3, (1.0,) * 3)}[norm_from]
-    num_classes = args.num_classes or (None if meta else spec["num_classes"])
+    num_classes = args.num_classes or (None if meta else ds["num_classes"])
     return build_model_from_ckpt(args.ckpt, device, width=args.width, activation=args.activation,
                                  num_classes=num_classes, mean=mean, std=std)
 
@@ -848,20 +830,20 @@ FAKE_SIZES = (256, 64)   # train / test images of --dataset fake
 
 def ensure_files(name, root, download):
     """Make sure the dataset files exist under root; download them if allowed, else a clear FileNotFoundError."""
-    spec = DATASETS[name]
-    missing = [f for f in spec["files"] if not (root / f).exists()]
+    ds = DATASETS[name]
+    missing = [f for f in ds["files"] if not (root / f).exists()]
     if missing and download:
         try:
             from torchvision.datasets.utils import download_and_extract_archive, download_url
-            for url, md5 in spec["urls"]:
+            for url, md5 in ds["urls"]:
                 (download_and_extract_archive if url.endswith(".tar.gz") else download_url)(url, str(root), md5=md5)
         except Exception as e:   # offline, proxy, disk: name the files the user must provide
             raise FileNotFoundError(f"{name}: could not download ({type(e).__name__}: {e}); put "
-                                    f"{', '.join(spec['files'])} under --data-dir {root}") from e
-        missing = [f for f in spec["files"] if not (root / f).exists()]
+                                    f"{', '.join(ds['files'])} under --data-dir {root}") from e
+        missing = [f for f in ds["files"] if not (root / f).exists()]
     if missing:
         raise FileNotFoundError(f"{name}: missing {', '.join(missing)} under --data-dir {root}; download them from "
-                                f"{', '.join(u for u, _ in spec['urls'])} (or drop --no-download)")
+                                f"{', '.join(u for u, _ in ds['urls'])} (or drop --no-download)")
 
 
 def read_split(name, root, train):
@@ -894,7 +876,7 @@ def fake_split(n, seed, num_classes=10):
 
 def make_datasets(args, device):
     """Whole train/test sets as uint8 tensors on `device` (augmentation happens batched on the device)."""
-    spec = DATASETS[args.dataset]
+    ds = DATASETS[args.dataset]
     if args.dataset == "fake":
         (tx, ty), (vx, vy) = fake_split(FAKE_SIZES[0], 0), fake_split(FAKE_SIZES[1], 1)
     else:
@@ -902,9 +884,9 @@ def make_datasets(args, device):
         (tx, ty), (vx, vy) = (read_split(args.dataset, Path(args.data_dir), t) for t in (True, False))
     tx, ty = (tx[: args.train_subset], ty[: args.train_subset]) if args.train_subset else (tx, ty)
     vx, vy = (vx[: args.test_subset], vy[: args.test_subset]) if args.test_subset else (vx, vy)
-    mean, std = (spec["mean"], spec["std"]) if args.input_norm == "dataset" else ((0.0,) * 3, (1.0,) * 3)
+    mean, std = (ds["mean"], ds["std"]) if args.input_norm == "dataset" else ((0.0,) * 3, (1.0,) * 3)
     return {"train_x": tx.to(device), "train_y": ty.to(device), "test_x": vx.to(device), "test_y": vy.to(device),
-            "num_classes": spec["num_classes"], "mean": mean, "std": std, "augment": spec["augment"]}
+            "num_classes": ds["num_classes"], "mean": mean, "std": std, "augment": ds["augment"]}
 
 
 def to_float(x_u8):

@@ -25,7 +25,10 @@ A model used with `ppgd`'s "self" distance must expose `features(x) -> list[Tens
 """
 
 import inspect
+import json
+import math
 import sys
+from pathlib import Path
 
 from attacks.lp import l1, l2, linf
 # -- perceptual imports
@@ -148,6 +151,27 @@ def attack_settings(name, mode="eval", *, dataset="cifar10", eps=None, steps=Non
     return kw
 
 
+def load_eps_table(path):
+    """An ε table, JSON {attack: eps} (or {"eps": {attack: eps}}): registered names, finite eps >= 0. {} for no path.
+
+    The format cas.py --calibrate writes (eps_table.json) and cas.py / eval.py --eps-table read (CAS Eq. (11)).
+    """
+    if not path:
+        return {}
+    try:
+        table = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--eps-table {path}: cannot read a JSON object ({e})") from e
+    table = table["eps"] if isinstance(table, dict) and isinstance(table.get("eps"), dict) else table
+    if not isinstance(table, dict):
+        raise ValueError(f"--eps-table {path}: expected a JSON object {{attack: eps}}, got {type(table).__name__}")
+    registered(list(table))
+    bad = {k: v for k, v in table.items() if not isinstance(v, (int, float)) or not 0 <= v < math.inf}
+    if bad:
+        raise ValueError(f"--eps-table {path}: eps must be finite numbers >= 0, got {bad}")
+    return {k: float(v) for k, v in table.items()}
+
+
 def registered(names):
     """Validate a comma string or list of attack names against ATTACKS; return them as a list (order kept)."""
     if isinstance(names, str):
@@ -160,5 +184,5 @@ def registered(names):
     return list(names)
 
 
-__all__ = ["ATTACKS", "ALL", "LP", "PERCEPTUAL", "SEMANTIC", "DEFAULT_EPS", "EVAL_STRENGTH", "attack_settings", "registered"] + list(ATTACKS)
+__all__ = ["ATTACKS", "ALL", "LP", "PERCEPTUAL", "SEMANTIC", "DEFAULT_EPS", "EVAL_STRENGTH", "attack_settings", "load_eps_table", "registered"] + list(ATTACKS)
 __all__ += ["autoattack"]   # AutoAttack runner: evaluation only, not an entry of ATTACKS
