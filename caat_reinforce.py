@@ -94,7 +94,7 @@ def get_args(argv=None):
 # Sec. 4.2 and 4.3.1: characteristics and bound (shared with caat_meta.py; Reinforce-CAAT uses the former only)
 # ----------------------------------------------------------------------------------------------------------------
 
-# ==== BEGIN SHARED: caat-characteristics (canonical: caat_meta.py; identical in caat_reinforce.py; tests/test_copies.py) ====
+# ==== BEGIN SHARED: caat-characteristics (canonical: caat_meta.py; copies: caat_reinforce.py) ====
 CHARACTERISTICS = ("loss", "margin", "grad_norm", "entropy", "class_prop", "class_loss")   # zeta_1..zeta_6
 CLASS_LOSS_MOMENTUM = 0.99   # zeta_6 is an EMA over batches (our choice: the paper leaves the averaging open)
 
@@ -239,7 +239,7 @@ def train_step(model, policy, opt, x, y, ctx, args):
 # Data scenarios (SHARED with caat_meta.py) and FRL multipliers (a trimmed copy of caat_meta.py's: ReWeight only)
 # ----------------------------------------------------------------------------------------------------------------
 
-# ==== BEGIN SHARED: caat-scenarios (canonical: caat_meta.py; identical in caat_reinforce.py; tests/test_copies.py) ====
+# ==== BEGIN SHARED: caat-scenarios (canonical: caat_meta.py; copies: caat_reinforce.py) ====
 def split_meta(y, per_class, num_classes):
     """Indices of the last `per_class` images of every class (FRL's validation split) and of the rest."""
     meta = []
@@ -331,7 +331,7 @@ class Fairness:
 # Metrics: class-wise natural / boundary / robust errors (Eqs. 45-47, as caat_meta.py) and the strategy statistics
 # ----------------------------------------------------------------------------------------------------------------
 
-# ==== BEGIN SHARED: caat-metrics (canonical: caat_meta.py; identical in caat_reinforce.py; tests/test_copies.py) ====
+# ==== BEGIN SHARED: caat-metrics (canonical: caat_meta.py; copies: caat_reinforce.py) ====
 def class_error(correct, y, num_classes):
     """Per-class error (C,), NaN for classes absent from y."""
     n = torch.bincount(y, minlength=num_classes).float()
@@ -566,7 +566,7 @@ def model_meta(args, data):
             "std": list(data["std"]), "method": "reinforce-caat"}
 
 
-# ==== BEGIN SHARED: common-flags (canonical: cas.py; identical in caat_meta.py, caat_reinforce.py; tests/test_copies.py) ====
+# ==== BEGIN SHARED: common-flags (canonical: cas.py; copies: caat_meta.py, caat_reinforce.py) ====
 def fraction(s: str) -> float:
     """argparse type that accepts fractions: --eps 8/255."""
     try:
@@ -584,7 +584,8 @@ def add_common_flags(parser):
                    help="download missing dataset files (md5-checked archives)")
     g.add_argument("--train-subset", type=int, default=0, help="use the first N training images (0 = all)")
     g.add_argument("--test-subset", type=int, default=0, help="use the first N test images (0 = all)")
-    g.add_argument("--out-dir", type=str, default="", help="run directory (default runs/<script>/<dataset>-s<seed>-<time>)")
+    g.add_argument("--out-dir", type=str, default="",
+                   help="run directory (default runs/<script>/<dataset>-s<seed>-<time>)")
     g.add_argument("--epochs", type=int, default=10, help="epochs of the method")
     g.add_argument("--batch-size", type=int, default=128)
     g.add_argument("--lr", type=float, default=0.1, help="initial learning rate")
@@ -650,7 +651,7 @@ def parse_args(parser, argv, check):
 # ==== END SHARED: common-flags ====
 
 
-# ==== BEGIN SHARED: setup (canonical: cas.py; identical in caat_meta.py, caat_reinforce.py, eval.py; tests/test_copies.py) ====
+# ==== BEGIN SHARED: setup (canonical: cas.py; copies: caat_meta.py, caat_reinforce.py, eval.py) ====
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -671,7 +672,7 @@ def pick_device(name: str) -> torch.device:
 # ==== END SHARED: setup ====
 
 
-# ==== BEGIN SHARED: run-dir (canonical: cas.py; identical in caat_meta.py, caat_reinforce.py; tests/test_copies.py) ====
+# ==== BEGIN SHARED: run-dir (canonical: cas.py; copies: caat_meta.py, caat_reinforce.py) ====
 def make_run_dir(args, script: str, resuming: bool = False) -> Path:
     """Create (or, when resuming, reuse) the run directory; never overwrite another run's files."""
     if not args.out_dir:
@@ -741,7 +742,7 @@ def truncate_log(path, step):
 # ==== END SHARED: run-dir ====
 
 
-# ==== BEGIN SHARED: model (canonical: cas.py; identical in caat_meta.py, caat_reinforce.py, eval.py; tests/test_copies.py) ====
+# ==== BEGIN SHARED: model (canonical: cas.py; copies: caat_meta.py, caat_reinforce.py, eval.py) ====
 class Normalize(nn.Module):
     """(x - mean) / std with non-persistent buffers: no state_dict entries, so published weights load as they are."""
 
@@ -821,11 +822,12 @@ def extract_state_dict(obj, path):
 
 
 def load_weights(model, path):
-    """Load a checkpoint's weights into `model` strictly; one clear error line for missing/unexpected/mis-shaped keys."""
+    """Load a checkpoint's weights into `model` strictly; one error line for missing, unexpected, mis-shaped keys."""
     sd = extract_state_dict(load_checkpoint(path), path)
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in sd and sd[k].shape != v.shape]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in sd and sd[k].shape != v.shape]
     if missing or unexpected or shapes:
         raise ValueError(f"{path} does not fit this PreActResNet-18 (check --width/--activation/--dataset): "
                          f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}, "
@@ -835,15 +837,18 @@ def load_weights(model, path):
 # ==== END SHARED: model ====
 
 
-# ==== BEGIN SHARED: data (canonical: cas.py; identical in caat_meta.py, caat_reinforce.py, eval.py; tests/test_copies.py) ====
+# ==== BEGIN SHARED: data (canonical: cas.py; copies: caat_meta.py, caat_reinforce.py, eval.py) ====
 # name -> classes, mean, std, augmentation, files (relative to --data-dir), (url, md5) to download them
 DATASETS = {
     "cifar10": dict(num_classes=10, mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616), augment="crop_flip",
-                    files=[f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)] + ["cifar-10-batches-py/test_batch"],
-                    urls=[("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a")]),
+                    files=[f"cifar-10-batches-py/{f}" for f in ("data_batch_1", "data_batch_2", "data_batch_3",
+                                                                "data_batch_4", "data_batch_5", "test_batch")],
+                    urls=[("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                           "c58f30108f718f92721af3b95e74349a")]),
     "cifar100": dict(num_classes=100, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), augment="crop_flip",
                      files=["cifar-100-python/train", "cifar-100-python/test"],
-                     urls=[("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85")]),
+                     urls=[("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                            "eb9058c3a382ffc7106e4002c42a8d85")]),
     "svhn": dict(num_classes=10, mean=(0.4377, 0.4438, 0.4728), std=(0.1980, 0.2010, 0.1970), augment="crop",
                  files=["train_32x32.mat", "test_32x32.mat"],
                  urls=[("http://ufldl.stanford.edu/housenumbers/train_32x32.mat", "e26dedcc434d2e4c54c9b2d4a06d0373"),
@@ -927,13 +932,15 @@ def augment_batch(x, generator, kind, pad=4):
     cols = offs[1][:, None] + torch.arange(w, device=x.device)                       # (B, W)
     cols = torch.where(flip[:, None], cols.flip(1), cols) if kind == "crop_flip" else cols
     bidx = torch.arange(b, device=x.device)[:, None, None, None]
-    return F.pad(x, (pad,) * 4)[bidx, torch.arange(c, device=x.device)[None, :, None, None], rows, cols[:, None, None, :]]
+    cidx = torch.arange(c, device=x.device)[None, :, None, None]
+    return F.pad(x, (pad,) * 4)[bidx, cidx, rows, cols[:, None, None, :]]
 
 
 def iterate_batches(x_u8, y, batch_size, generator=None, augment=None):
     """Yield float [0,1] batches; shuffled and augmented when a generator is given, else in order."""
     n = len(y)
-    order = torch.randperm(n, generator=generator).to(y.device) if generator is not None else torch.arange(n, device=y.device)
+    order = torch.randperm(n, generator=generator).to(y.device) if generator is not None else \
+        torch.arange(n, device=y.device)
     for i in range(0, n, batch_size):
         idx = order[i: i + batch_size]
         xb = to_float(x_u8[idx])
@@ -941,7 +948,7 @@ def iterate_batches(x_u8, y, batch_size, generator=None, augment=None):
 # ==== END SHARED: data ====
 
 
-# ==== BEGIN SHARED: evaluate (canonical: cas.py; identical in caat_meta.py, caat_reinforce.py, eval.py; tests/test_copies.py) ====
+# ==== BEGIN SHARED: evaluate (canonical: cas.py; copies: caat_meta.py, caat_reinforce.py, eval.py) ====
 def evaluate(model, x_u8, y, attack_fns, batch_size, seed):
     """Clean accuracy and accuracy under each attack (dict name -> fn(model, x, y) -> x_adv) on (x_u8, y).
 
@@ -969,7 +976,7 @@ def evaluate(model, x_u8, y, attack_fns, batch_size, seed):
 # ==== END SHARED: evaluate ====
 
 
-# ==== BEGIN SHARED: io (canonical: cas.py; identical in caat_meta.py, caat_reinforce.py, eval.py; tests/test_copies.py) ====
+# ==== BEGIN SHARED: io (canonical: cas.py; copies: caat_meta.py, caat_reinforce.py, eval.py) ====
 def write_text(path, text):
     """Atomic write (temp file + os.replace): a crash never leaves a half-written file."""
     tmp = Path(path).with_name(Path(path).name + ".tmp")

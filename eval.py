@@ -5,13 +5,15 @@
     python eval.py --ckpt eat.pt --width 64 --activation softplus --input-norm none # a plain foreign state_dict
     python eval.py --compare runs/a/eval.json runs/b/eval.json --labels SAT,CAS     # methods side by side
     python eval.py --aggregate runs/t1/*/s*/eval.json --out runs/t1/table1.md       # mean +- std over seeds
+    python eval.py --tradeoff start.json rows/*/eval.json --out matrix.md           # CAS Figs. 3/6
 
 Rebuilds the PreActResNet-18 from the checkpoint's metadata (model.pt / ckpt.pt of cas.py, caat_meta.py,
 caat_reinforce.py: arch, width, activation, num_classes, dataset, mean, std) or, for a plain state_dict (a
 `module.` prefix is stripped), from --width/--activation/--num-classes/--input-norm. Evaluates the FIRST
 --n-examples test images (unshuffled), in eval mode, and reports
-  - clean accuracy and the accuracy under each attack of --attacks at full evaluation strength (EVAL_STRENGTH below
-    for l_p and ppgd; the module's LEVELS[--level] for the semantic attacks; eps from --eps-table where given);
+  - clean accuracy and the accuracy under each attack of --attacks at full evaluation strength
+    (attacks.attack_settings: l_p and ppgd from attacks.EVAL_STRENGTH, the semantic attacks from their module's
+    LEVELS[--level]; eps from --eps-table where given);
   - the CAS paper's aggregates (Table 1, Sec. 5.1) with its scenario weights: weighted avg. Robust, avg. l_p and
     avg. Semantic (cifar) or avg. Corruption and avg. Others (svhn);
   - union accuracy: correct on the clean image AND under every attack and AutoAttack run (the worst case);
@@ -695,7 +697,7 @@ def build_model_from_ckpt(path, device="cpu", width=None, activation=None, num_c
     return model.to(device).eval()
 
 
-# ==== BEGIN SHARED: setup (canonical: cas.py; identical in caat_meta.py, caat_reinforce.py, eval.py; tests/test_copies.py) ====
+# ==== BEGIN SHARED: setup (canonical: cas.py; copies: caat_meta.py, caat_reinforce.py, eval.py) ====
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -716,7 +718,7 @@ def pick_device(name: str) -> torch.device:
 # ==== END SHARED: setup ====
 
 
-# ==== BEGIN SHARED: model (canonical: cas.py; identical in caat_meta.py, caat_reinforce.py, eval.py; tests/test_copies.py) ====
+# ==== BEGIN SHARED: model (canonical: cas.py; copies: caat_meta.py, caat_reinforce.py, eval.py) ====
 class Normalize(nn.Module):
     """(x - mean) / std with non-persistent buffers: no state_dict entries, so published weights load as they are."""
 
@@ -796,11 +798,12 @@ def extract_state_dict(obj, path):
 
 
 def load_weights(model, path):
-    """Load a checkpoint's weights into `model` strictly; one clear error line for missing/unexpected/mis-shaped keys."""
+    """Load a checkpoint's weights into `model` strictly; one error line for missing, unexpected, mis-shaped keys."""
     sd = extract_state_dict(load_checkpoint(path), path)
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in sd and sd[k].shape != v.shape]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in sd and sd[k].shape != v.shape]
     if missing or unexpected or shapes:
         raise ValueError(f"{path} does not fit this PreActResNet-18 (check --width/--activation/--dataset): "
                          f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}, "
@@ -810,15 +813,18 @@ def load_weights(model, path):
 # ==== END SHARED: model ====
 
 
-# ==== BEGIN SHARED: data (canonical: cas.py; identical in caat_meta.py, caat_reinforce.py, eval.py; tests/test_copies.py) ====
+# ==== BEGIN SHARED: data (canonical: cas.py; copies: caat_meta.py, caat_reinforce.py, eval.py) ====
 # name -> classes, mean, std, augmentation, files (relative to --data-dir), (url, md5) to download them
 DATASETS = {
     "cifar10": dict(num_classes=10, mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616), augment="crop_flip",
-                    files=[f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)] + ["cifar-10-batches-py/test_batch"],
-                    urls=[("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a")]),
+                    files=[f"cifar-10-batches-py/{f}" for f in ("data_batch_1", "data_batch_2", "data_batch_3",
+                                                                "data_batch_4", "data_batch_5", "test_batch")],
+                    urls=[("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                           "c58f30108f718f92721af3b95e74349a")]),
     "cifar100": dict(num_classes=100, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), augment="crop_flip",
                      files=["cifar-100-python/train", "cifar-100-python/test"],
-                     urls=[("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85")]),
+                     urls=[("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                            "eb9058c3a382ffc7106e4002c42a8d85")]),
     "svhn": dict(num_classes=10, mean=(0.4377, 0.4438, 0.4728), std=(0.1980, 0.2010, 0.1970), augment="crop",
                  files=["train_32x32.mat", "test_32x32.mat"],
                  urls=[("http://ufldl.stanford.edu/housenumbers/train_32x32.mat", "e26dedcc434d2e4c54c9b2d4a06d0373"),
@@ -902,13 +908,15 @@ def augment_batch(x, generator, kind, pad=4):
     cols = offs[1][:, None] + torch.arange(w, device=x.device)                       # (B, W)
     cols = torch.where(flip[:, None], cols.flip(1), cols) if kind == "crop_flip" else cols
     bidx = torch.arange(b, device=x.device)[:, None, None, None]
-    return F.pad(x, (pad,) * 4)[bidx, torch.arange(c, device=x.device)[None, :, None, None], rows, cols[:, None, None, :]]
+    cidx = torch.arange(c, device=x.device)[None, :, None, None]
+    return F.pad(x, (pad,) * 4)[bidx, cidx, rows, cols[:, None, None, :]]
 
 
 def iterate_batches(x_u8, y, batch_size, generator=None, augment=None):
     """Yield float [0,1] batches; shuffled and augmented when a generator is given, else in order."""
     n = len(y)
-    order = torch.randperm(n, generator=generator).to(y.device) if generator is not None else torch.arange(n, device=y.device)
+    order = torch.randperm(n, generator=generator).to(y.device) if generator is not None else \
+        torch.arange(n, device=y.device)
     for i in range(0, n, batch_size):
         idx = order[i: i + batch_size]
         xb = to_float(x_u8[idx])
@@ -916,7 +924,7 @@ def iterate_batches(x_u8, y, batch_size, generator=None, augment=None):
 # ==== END SHARED: data ====
 
 
-# ==== BEGIN SHARED: evaluate (canonical: cas.py; identical in caat_meta.py, caat_reinforce.py, eval.py; tests/test_copies.py) ====
+# ==== BEGIN SHARED: evaluate (canonical: cas.py; copies: caat_meta.py, caat_reinforce.py, eval.py) ====
 def evaluate(model, x_u8, y, attack_fns, batch_size, seed):
     """Clean accuracy and accuracy under each attack (dict name -> fn(model, x, y) -> x_adv) on (x_u8, y).
 
@@ -944,7 +952,7 @@ def evaluate(model, x_u8, y, attack_fns, batch_size, seed):
 # ==== END SHARED: evaluate ====
 
 
-# ==== BEGIN SHARED: cas-metrics (canonical: cas.py; identical in eval.py; tests/test_copies.py) ====
+# ==== BEGIN SHARED: cas-metrics (canonical: cas.py; copies: eval.py) ====
 def scenario_weights(names, scenario):
     """Importance weights w_v of CAS Sec. 5.1: 6 for l_inf, l_2, l_1 (cifar) or snow, fog, blur (svhn), else 1."""
     heavy = {"cifar": ("linf", "l2", "l1"), "svhn": ("snow", "fog", "blur")}[scenario]
@@ -963,7 +971,7 @@ def aggregate(acc, weights, names, scenario):
 # ==== END SHARED: cas-metrics ====
 
 
-# ==== BEGIN SHARED: io (canonical: cas.py; identical in caat_meta.py, caat_reinforce.py, eval.py; tests/test_copies.py) ====
+# ==== BEGIN SHARED: io (canonical: cas.py; copies: caat_meta.py, caat_reinforce.py, eval.py) ====
 def write_text(path, text):
     """Atomic write (temp file + os.replace): a crash never leaves a half-written file."""
     tmp = Path(path).with_name(Path(path).name + ".tmp")
