@@ -467,7 +467,7 @@ def main(args):
             save_checkpoint(out_dir / "ckpt.pt", {
                 "format": 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict() if sampler else None,
-                "rng": capture_rng(data_gen), "args": vars(args), **state, **model_meta(args, data, st)})
+                "rng": capture_rng(data_gen), "args": vars(args), **model_meta(args, data, st), **state})
             if last:
                 break
         if st.name == "pretrain" and st.epochs:   # a reusable l_p-robust starting point (--init-ckpt of later runs)

@@ -1376,7 +1376,7 @@ CHECKS = [  # (record id, check function); every check takes (grids, rng) and re
 
 def get_args(argv=None):
     """Command-line flags (argv=None reads sys.argv)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action=argparse.BooleanOptionalAction, default=False,
                         help="small grids and sample sizes (a few seconds; for the tests)")

@@ -256,7 +256,7 @@ def gallery(args, names):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m attacks", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="python -m attacks", allow_abbrev=False, description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--list", action="store_true", help="print the table of registered attacks")
     p.add_argument("--time", action="store_true", help="with --list: add the per-step cost relative to linf")

@@ -32,6 +32,7 @@ import torch
 
 import attacks
 import cas
+import eval as eval_script   # eval.py, the evaluation script (not the builtin)
 from attacks.autoattack import DEFAULT_EPS, SETTINGS, accept_adversarial, run_component
 from attacks.perceptual import feature_fn, lpips_distance
 
@@ -75,7 +76,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    model = cas.build_model_from_ckpt(args.ckpt).eval()
+    model = eval_script.build_model_from_ckpt(args.ckpt).eval()
     for q in model.parameters():
         q.requires_grad_(False)
     x_u8, y = cas.read_split("cifar10", Path(args.data_dir), train=False)

@@ -173,7 +173,7 @@ class TestRuns(unittest.TestCase):
         self.assertEqual((res["method"], res["steps"], res["eval_examples"]), ("reinforce-caat", 2, 8))
         self.assertTrue(0 <= res["final"]["pgd10/rob_err_avg"] <= 1)
         model = torch.load(out / "model.pt", weights_only=True)
-        m = cr.build_model_from_ckpt(out / "model.pt")
+        m = cr.load_weights(cr.build_model(10, model["mean"], model["std"], model["width"]), out / "model.pt").eval()
         self.assertEqual((model["arch"], model["width"]), ("preact_resnet18", 8))
         self.assertFalse(m.training)
         self.assertIn("policy", torch.load(out / "ckpt.pt", weights_only=True))

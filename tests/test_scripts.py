@@ -169,7 +169,9 @@ class TestResumeAndDeterminism(ScriptTest):
         # 2 epochs x 4 steps (256 fake images, batch 64); the crash after step 6 loses half of epoch 2
         init = self.tmp / "init_moved_later.pt"
         shutil.copy(self.base / "model.pt", init)
-        common = [*FAST, "--init-ckpt", init, "--epochs", "2", "--batch-size", "64", "--log-every", "3"]
+        (self.tmp / "eps_resume.json").write_text(json.dumps({"linf": 4 / 255}))   # must survive the resume
+        common = [*FAST, "--init-ckpt", init, "--epochs", "2", "--batch-size", "64", "--log-every", "3",
+                  "--eps-table", self.tmp / "eps_resume.json"]
         full, cut = self.tmp / "full", self.tmp / "cut"
         run_script("cas.py", *common, "--out-dir", full)
         run_script("cas.py", *common, "--out-dir", cut, "--interrupt-at-step", "6", expect=3)
