@@ -355,7 +355,7 @@ def train_step(model, wnet, opt, wopt, x, y, meta_batch, ctx, args):
     n, eps = len(y), torch.full((len(y),), args.eps, device=x.device)
     learned = learns_direction(args)                                     # f_Omega decides the direction
     varied = (meta and args.setting in ("II", "IV")) or args.method in ("frl-remargin", "frl-both")
-    model.eval()   # attacks are generated in eval mode (BN running stats frozen); see README "Implementation details" #3
+    model.eval()   # attacks are generated in eval mode (BN running stats frozen); README D3
     with torch.no_grad():
         logits_clean = model(x)
         if meta:   # Sec. 4.2: characteristics on the clean x, then the zeta_6 EMA update
@@ -719,8 +719,7 @@ def check_common_args(args):
     if not (args.lr > 0 and 0 <= args.momentum < 1 and args.weight_decay >= 0):
         raise ValueError(f"need --lr > 0, 0 <= --momentum < 1, --weight-decay >= 0; got {args.lr}, {args.momentum}, "
                          f"{args.weight_decay}")
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available; use --device cpu")
+    pick_device(args.device)
     if args.attacks:
         attacks.registered(args.attacks)
     if args.out_dir and (Path(args.out_dir) / "ckpt.pt").exists():
@@ -800,6 +799,7 @@ def save_checkpoint(path, obj):
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
 
 def load_resume(path, script, key):
     """The ckpt.pt of a run of `script` (given as its run directory or the file), holding `key`; resume with it."""

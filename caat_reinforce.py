@@ -206,7 +206,7 @@ def perturb(model, x, y, logits_clean, eps, adv, steps, seed):
 
 def train_step(model, policy, opt, x, y, ctx, args):
     """Alg. 2, lines 3-5. Returns zeta, actions, rewards (for the Omega step) and logging tensors (no host sync)."""
-    model.eval()   # attacks are generated in eval mode (BN running stats frozen); see README "Implementation details" #3
+    model.eval()   # attacks are generated in eval mode (BN running stats frozen); README D3
     with torch.no_grad():   # Sec. 4.2: characteristics on the clean x, then the zeta_6 EMA update
         logits_clean = model(x)
         raw = raw_characteristics(logits_clean, y, ctx["class_counts"], ctx["class_loss"])
@@ -626,8 +626,7 @@ def check_common_args(args):
     if not (args.lr > 0 and 0 <= args.momentum < 1 and args.weight_decay >= 0):
         raise ValueError(f"need --lr > 0, 0 <= --momentum < 1, --weight-decay >= 0; got {args.lr}, {args.momentum}, "
                          f"{args.weight_decay}")
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available; use --device cpu")
+    pick_device(args.device)
     if args.attacks:
         attacks.registered(args.attacks)
     if args.out_dir and (Path(args.out_dir) / "ckpt.pt").exists():
@@ -707,6 +706,7 @@ def save_checkpoint(path, obj):
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
 
 def load_resume(path, script, key):
     """The ckpt.pt of a run of `script` (given as its run directory or the file), holding `key`; resume with it."""

@@ -646,8 +646,7 @@ def check_common_args(args):
     if not (args.lr > 0 and 0 <= args.momentum < 1 and args.weight_decay >= 0):
         raise ValueError(f"need --lr > 0, 0 <= --momentum < 1, --weight-decay >= 0; got {args.lr}, {args.momentum}, "
                          f"{args.weight_decay}")
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available; use --device cpu")
+    pick_device(args.device)
     if args.attacks:
         attacks.registered(args.attacks)
     if args.out_dir and (Path(args.out_dir) / "ckpt.pt").exists():
@@ -727,6 +726,7 @@ def save_checkpoint(path, obj):
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
 
 def load_resume(path, script, key):
     """The ckpt.pt of a run of `script` (given as its run directory or the file), holding `key`; resume with it."""

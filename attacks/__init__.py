@@ -99,8 +99,9 @@ DEFAULT_EPS = {
 # Full evaluation strength of the attacks without a LEVELS table: PGD-50 with the 2.5 eps / steps rule (Madry et al.
 # 2018); APGD-l1 with AutoAttack's 100 iterations and evaluation sparsity 0.2 (Croce & Hein 2021); PPGD 40 iterations,
 # the CIFAR-10 evaluation setting of Laidlaw et al. 2021 (its default 10 is their training setting).
-EVAL_STRENGTH = {"linf": {"steps": 50}, "l2": {"steps": 50}, "l1": {"steps": 100, "sparsity": 0.2}, "ppgd": {"steps": 40}}
-TRAIN_STEPS = 10   # training-time attacks: the paper gives no step count (README, cas.py detail D8)
+EVAL_STRENGTH = {"linf": {"steps": 50}, "l2": {"steps": 50}, "l1": {"steps": 100, "sparsity": 0.2},
+                 "ppgd": {"steps": 40}}
+TRAIN_STEPS = 10   # training-time attacks: the paper gives no step count (README D8)
 
 
 def attack_settings(name, mode="eval", *, dataset="cifar10", eps=None, steps=None, level="medium"):
@@ -112,7 +113,7 @@ def attack_settings(name, mode="eval", *, dataset="cifar10", eps=None, steps=Non
       attack at that many steps (quick runs).
     mode "train": l_p attacks run `steps` (default TRAIN_STEPS) steps, every other attack min(steps, its own steps).
     eps overrides the budget (e.g. a calibrated one, CAS Eq. (11)).
-    Step-size rule (README, cas.py detail D8): a latent attack's step is relative to its budget and to its step count:
+    Step-size rule (README D8): a latent attack's step is relative to its budget and to its step count:
       step = base_step * (eps / base_eps) * (base_steps / steps), and never more than eps -- so fewer steps travel the
       same relative distance, a calibrated eps moves the step with it, and no single step leaves the budget.
     l_p attacks keep their own rules (2.5 eps / steps for l_inf / l_2, APGD-l1's adaptive step), ppgd 2 eps / steps.
@@ -184,5 +185,6 @@ def registered(names):
     return list(names)
 
 
-__all__ = ["ATTACKS", "ALL", "LP", "PERCEPTUAL", "SEMANTIC", "DEFAULT_EPS", "EVAL_STRENGTH", "attack_settings", "load_eps_table", "registered"] + list(ATTACKS)
+__all__ = ["ATTACKS", "ALL", "LP", "PERCEPTUAL", "SEMANTIC", "DEFAULT_EPS", "EVAL_STRENGTH", "attack_settings",
+           "load_eps_table", "registered"] + list(ATTACKS)
 __all__ += ["autoattack"]   # AutoAttack runner: evaluation only, not an entry of ATTACKS
