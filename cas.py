@@ -101,7 +101,7 @@ def get_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The bandit (Sec. 4.2-4.3, Alg. 1) and the baselines, behind one interface: probs / sample / update / state_dict
+# The bandit (Sec. 4.2-4.3, Alg. 1): probs / sample / update / state_dict, the interface the baselines share
 # ----------------------------------------------------------------------------------------------------------------
 
 LOSS_FLOOR = 1e-8     # losses are clamped below before log() (README D1)
@@ -205,7 +205,8 @@ class CASSampler(_Sampler):
             if self.ucb:
                 s += math.sqrt(2.0 * log_total / self.N[v])                             # Eq. (9), exploration
             scores.append(s * self.w[v])
-        return [s / sum(scores) for s in scores]                                        # Eq. (10)
+        z = sum(scores)
+        return [s / z for s in scores]                                                  # Eq. (10)
 
     def state_dict(self):
         return {**super().state_dict(), "N": list(self.N), "logL": [list(q) for q in self.logL],
@@ -270,7 +271,8 @@ class SATSampler(_Sampler):
     """SAT (Madaan et al. 2021): a fixed pi_v proportional to w_v (uniform when all weights are 1)."""
 
     def probs(self):
-        return [w / sum(self.w) for w in self.w]
+        z = sum(self.w)
+        return [w / z for w in self.w]
 
 
 class EATSampler(_Sampler):
@@ -291,7 +293,8 @@ class EATSampler(_Sampler):
     def probs(self):
         q = [(1 - c / s) * w for c, s, w in zip(self.correct, self.seen, self.w)] if all(self.seen) else self.w
         q = q if sum(q) > 0 else self.w             # every arm fully robust so far: pi ~ w
-        return [v / sum(q) for v in q]
+        z = sum(q)
+        return [v / z for v in q]
 
     def state_dict(self):
         return {**super().state_dict(), "correct": list(self.correct), "seen": list(self.seen)}
