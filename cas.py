@@ -353,7 +353,8 @@ def calibrate(model, x_u8, y, names, args, eps_table):
     """Eq. (11): eps_k = (lambda + acc_adv[k]) * eps, eps the ORIGINAL margin, repeated until acc_adv[k] is in range.
 
     acc_adv[k] is measured at the current eps_k, at full evaluation strength; only semantic arms are calibrated (the
-    l_p budgets and PPGD's bound are the paper's). Returns the new table and {attack: {eps, acc, rounds, history}}.
+    l_p budgets and PPGD's bound are the paper's). Stops in range, after --calib-rounds updates, or at a fixed point
+    outside the range. Returns the new table and {attack: {eps, acc, rounds, in_range, history}}.
     """
     lo, hi = args.calib_range
     table, report = dict(eps_table), {}
@@ -368,6 +369,9 @@ def calibrate(model, x_u8, y, names, args, eps_table):
                 break
             # DEVIATION: one lambda for every attack (the paper's lambda_k is per attack and not given); README D11
             eps = (args.calib_lambda + acc) * eps0                                      # Eq. (11)
+            if any(eps == e for e, _ in history):   # a fixed point (or cycle) of Eq. (11) outside the range: stop
+                eps, acc = next((e, a) for e, a in history if e == eps)
+                break
         table[name] = eps
         report[name] = {"eps": eps, "acc": acc, "rounds": len(history) - 1, "in_range": lo <= acc <= hi,
                         "history": history}

@@ -62,11 +62,17 @@ class TestCalibrationScripted(unittest.TestCase):
         self.assertEqual(len(calls), sum(r["rounds"] + 1 for r in report.values()))
 
     def test_bounded_rounds_and_reported_failure(self):
-        # accuracy that does not depend on eps can never reach the range: stop after --calib-rounds, say so
-        table, report, _ = self.run_calibrate({"fog": lambda e: 0.9}, ["fog"], rounds=3, start={"fog": 0.1})
+        # accuracy that does not depend on eps can never reach the range: Eq. (11) reaches its fixed point
+        # (0.6 + 0.9) * eps_0 after one update (not compounded) and stops there, reported out of range
+        table, report, calls = self.run_calibrate({"fog": lambda e: 0.9}, ["fog"], rounds=3, start={"fog": 0.1})
         self.assertFalse(report["fog"]["in_range"])
-        self.assertEqual(report["fog"]["rounds"], 3)
-        self.assertAlmostEqual(table["fog"], 0.1 * 1.5, places=12)   # (0.6 + 0.9) * eps_0, not compounded
+        self.assertEqual((report["fog"]["rounds"], len(calls)), (1, 2))
+        self.assertAlmostEqual(table["fog"], 0.1 * 1.5, places=12)
+        # an accuracy that keeps moving: at most --calib-rounds updates
+        n = []
+        table, report, calls = self.run_calibrate({"fog": lambda e: n.append(e) or 0.9 - 1e-3 * len(n)}, ["fog"],
+                                                  rounds=3, start={"fog": 0.1})
+        self.assertEqual((report["fog"]["rounds"], len(calls), report["fog"]["in_range"]), (3, 4, False))
 
 
 class ExperimentTest(unittest.TestCase):
