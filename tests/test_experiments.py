@@ -115,7 +115,8 @@ class TestTradeoffMatrix(ExperimentTest):
             out = root / f"matrix_{chained}"
             run_script("eval.py", "--tradeoff", *files, *(["--tradeoff-sequential"] if chained else []), "--out", out)
             mat = json.loads(out.with_suffix(".json").read_text())
-            self.assertEqual((mat["attacks"], sorted(mat["rows"]), mat["sequential"]), (self.names, sorted(self.names), chained))
+            self.assertEqual((mat["attacks"], sorted(mat["rows"]), mat["sequential"]),
+                             (self.names, sorted(self.names), chained))
             for i, k in enumerate(self.names):
                 ref = rows[True, self.names[i - 1]] if chained and i else start
                 for j in self.names:
