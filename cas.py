@@ -557,9 +557,11 @@ def bandit_state(sampler, names):
     """pi, cumulative pulls, R^self and R^tradeoff per arm (the sampling dynamics)."""
     if sampler is None:
         return {}
-    probs, (r_self, r_trade) = sampler.probs(), sampler.rewards()
-    return {k: v for i, n in enumerate(names) for k, v in ((f"cas/arm_prob/{n}", probs[i]),
-            (f"cas/pulls/{n}", sampler.pulls[i]), (f"cas/r_self/{n}", r_self[i]), (f"cas/r_tradeoff/{n}", r_trade[i]))}
+    rec, probs, (r_self, r_trade) = {}, sampler.probs(), sampler.rewards()
+    for i, n in enumerate(names):
+        rec.update({f"cas/arm_prob/{n}": probs[i], f"cas/pulls/{n}": sampler.pulls[i], f"cas/r_self/{n}": r_self[i],
+                    f"cas/r_tradeoff/{n}": r_trade[i]})
+    return rec
 
 
 def evaluate_and_log(model, data, arms, stage, args, out_dir, record):
@@ -569,21 +571,21 @@ def evaluate_and_log(model, data, arms, stage, args, out_dir, record):
     # AutoAttack on the final model (README D8)
     res = evaluate(model, data["test_x"], data["test_y"], arms, args.batch_size, args.seed)
     agg = aggregate(res["attacks"], stage.weights, stage.attacks, scenario(args))
-    log_epoch(out_dir, {**record, "test/acc_clean": res["clean"], **{f"test/acc/{n}": a for n, a in
-                                                                        res["attacks"].items()},
-                        **{f"test/{k}": v for k, v in agg.items()}, "time/eval_s": time.time() - t0})
+    accs = {f"test/acc/{n}": a for n, a in res["attacks"].items()}
+    log_epoch(out_dir, {**record, "test/acc_clean": res["clean"], **accs, **{f"test/{k}": v for k, v in agg.items()},
+                        "time/eval_s": time.time() - t0})
     return {"clean": res["clean"], "attacks": res["attacks"], **agg}
 
 
 def log_epoch(out_dir, rec):
     append_jsonl(out_dir / "log.jsonl", rec)
-    train = f"train loss {rec['train/loss']:.3f} ({rec['time/train_s']:.1f}s) | " if "train/loss" in rec else \
-        "starting model | "
-    test = "" if "test/acc_clean" not in rec else (
-        f"test clean {rec['test/acc_clean']:.3f} " + " ".join(f"{k[9:]} {v:.3f}" for k, v in rec.items()
-                                                          if k.startswith("test/acc/"))
-        + f" | avg robust {rec['test/avg_robust']:.3f} ({rec['time/eval_s']:.1f}s)")
-    print(f"{rec['phase']} epoch {rec['epoch']} | step {rec['step']} | {train}{test}", flush=True)
+    parts = [f"{rec['phase']} epoch {rec['epoch']}", f"step {rec['step']}",
+             f"train loss {rec['train/loss']:.3f} ({rec['time/train_s']:.1f}s)" if "train/loss" in rec else "starting model"]
+    if "test/acc_clean" in rec:
+        accs = " ".join(f"{k[len('test/acc/'):]} {v:.3f}" for k, v in rec.items() if k.startswith("test/acc/"))
+        parts += [f"test clean {rec['test/acc_clean']:.3f} {accs}",
+                  f"avg robust {rec['test/avg_robust']:.3f} ({rec['time/eval_s']:.1f}s)"]
+    print(" | ".join(parts), flush=True)
 
 
 def model_meta(args, data, stage, eps_table=None):
