@@ -579,8 +579,8 @@ def evaluate_and_log(model, data, arms, stage, args, out_dir, record):
 
 def log_epoch(out_dir, rec):
     append_jsonl(out_dir / "log.jsonl", rec)
-    parts = [f"{rec['phase']} epoch {rec['epoch']}", f"step {rec['step']}",
-             f"train loss {rec['train/loss']:.3f} ({rec['time/train_s']:.1f}s)" if "train/loss" in rec else "starting model"]
+    train = f"train loss {rec['train/loss']:.3f} ({rec['time/train_s']:.1f}s)" if "train/loss" in rec else None
+    parts = [f"{rec['phase']} epoch {rec['epoch']}", f"step {rec['step']}", train or "starting model"]
     if "test/acc_clean" in rec:
         accs = " ".join(f"{k[len('test/acc/'):]} {v:.3f}" for k, v in rec.items() if k.startswith("test/acc/"))
         parts += [f"test clean {rec['test/acc_clean']:.3f} {accs}",
