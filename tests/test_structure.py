@@ -51,10 +51,12 @@ class TestStructure(unittest.TestCase):
 
     def test_comments_cite_only_what_users_have(self):
         """Code and README cite the papers, the README and public URLs: never the developers' notes or issues."""
-        bad = re.compile(r"spec |cas\.md|caat\.md|reference [A-Z§0-9]|\(issue [0-9]+\)|\.\./shared|shared/|§")
+        # (written with character classes so that this line does not match itself)
+        bad = re.compile(r"sp[e]c |cas[.]md|caat[.]md|referenc[e] [A-Z0-9\u00a7]|[(]issue [0-9]+[)]|[.][.]/shared"
+                         r"|shar[e]d/|\u00a7")
         files = [ROOT / "README.md"] + sorted(ROOT.glob("*.py")) + sorted((ROOT / "attacks").glob("*.py")) \
             + sorted((ROOT / "tests").glob("*.py"))
-        hits = [f"{p.name}:{i}: {line.strip()[:80]}" for p in files if p.name != "test_structure.py"
+        hits = [f"{p.name}:{i}: {line.strip()[:80]}" for p in files
                 for i, line in enumerate(p.read_text().splitlines(), 1) if bad.search(line)]
         self.assertEqual(hits, [])
 
