@@ -9,7 +9,7 @@ Generalization Against Unforeseen Attacks"); "README D<n>" to the numbered imple
     python cas.py --dataset cifar10                                   # pre-train (l_p PGD-AT), then CAS: the whole job
     python cas.py --dataset cifar10 --init-ckpt runs/pre/model.pt     # CAS from an l_p-robust model (the paper)
     python cas.py --dataset fake --device cpu --width 8 --pretrain-epochs 1 --epochs 1 --max-steps 2 \
-        --attack-steps 1 --eval-examples 8                            # smoke test (seconds)
+        --attack-steps 1 --eval-attack-steps 1 --eval-examples 8 --attacks linf,l2,l1   # smoke test (seconds)
 
 Writes args.json, log.jsonl, ckpt.pt, model.pt, results.json into the run directory printed first; `--resume DIR`
 continues it. `from cas import CASSampler` gives the bandit alone (the script runs only under __main__).
