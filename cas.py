@@ -645,8 +645,10 @@ def add_common_flags(parser):
 
 def check_common_args(args):
     """Values outside a common flag's meaning, unreadable files, a taken run directory: ValueError, before any work."""
-    if args.resume:   # a resumed run takes its settings from its checkpoint, which must be readable
-        load_checkpoint(Path(args.resume) / "ckpt.pt" if Path(args.resume).is_dir() else args.resume)
+    if args.resume:   # a resumed run takes its settings from its checkpoint (each script's load_resume reads it)
+        path = Path(args.resume) / "ckpt.pt" if Path(args.resume).is_dir() else Path(args.resume)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
         return
     for flag, low in (("batch_size", 1), ("epochs", 0), ("eval_every", 1), ("eval_examples", 1), ("width", 1),
                       ("attack_steps", 1), ("max_steps", 0), ("train_subset", 0), ("test_subset", 0)):

@@ -372,17 +372,24 @@ def markdown(evals, labels):
     return "\n".join(out) + "\n"
 
 
+def read_eval(path, complete=False):
+    """An eval.json written by eval.py (complete: no attack pending), else a ValueError naming the file."""
+    e = json.loads(Path(path).read_text())
+    if e.get("format") != FORMAT or "attacks" not in e:
+        raise ValueError(f"{path}: not an eval.json written by eval.py (format {FORMAT})")
+    if complete and e.get("pending"):
+        raise ValueError(f"{path}: evaluation incomplete (pending {e['pending']}); finish it with --resume")
+    return e
+
+
 def compare(paths, labels):
-    evals = [json.loads(Path(p).read_text()) for p in paths]
+    evals = [read_eval(p) for p in paths]
     labels = [s.strip() for s in labels.split(",")] if labels else [e.get("label") or Path(p).parent.name
                                                                     for e, p in zip(evals, paths)]
     if len(labels) != len(evals):
         raise ValueError(f"--labels has {len(labels)} names for {len(evals)} files")
     if len(set(labels)) < len(labels):
         labels = [f"{lab} ({i + 1})" for i, lab in enumerate(labels)]
-    for e, p in zip(evals, paths):
-        if e.get("format") != FORMAT or "attacks" not in e:
-            raise ValueError(f"{p}: not an eval.json written by eval.py (format {FORMAT})")
     notes = []
     if len({(e["dataset"], e["n"], e["seed"], e["scenario"], e["lp_source"]) for e in evals}) > 1:
         notes.append("the evaluations differ in dataset, number of images, seed, scenario or --lp-source "
@@ -401,11 +408,7 @@ def aggregate_seeds(paths):
     """Mean +- std (sample std, ddof 1) over the eval.json files of each label, in the layout of CAS Table 1."""
     groups = {}
     for p in paths:
-        e = json.loads(Path(p).read_text())
-        if e.get("format") != FORMAT or "attacks" not in e:
-            raise ValueError(f"{p}: not an eval.json written by eval.py (format {FORMAT})")
-        if e.get("pending"):
-            raise ValueError(f"{p}: evaluation incomplete (pending {e['pending']}); finish it with --resume")
+        e = read_eval(p, complete=True)
         run_dir = Path(e["ckpt"]).parent   # wall-clock and seed of the training run, when it is ours
         wall = json.loads((run_dir / "results.json").read_text()).get("time/train_s") \
             if (run_dir / "results.json").exists() else None   # Table 2: fine-tuning time, no evaluation
@@ -447,12 +450,7 @@ def tradeoff_matrix(paths, sequential):
     paths: the start model's eval.json, then one eval.json per row (its label names the row: by default the folder
     of the checkpoint, i.e. the attack trained on). sequential: row k is measured against row k-1 (a chain).
     """
-    evals = []
-    for p in paths:
-        e = json.loads(Path(p).read_text())
-        if e.get("format") != FORMAT or "attacks" not in e or e.get("pending"):
-            raise ValueError(f"{p}: not a complete eval.json written by eval.py (format {FORMAT})")
-        evals.append(e)
+    evals = [read_eval(p, complete=True) for p in paths]
     if len(evals) < 2:
         raise ValueError("--tradeoff needs the start model's eval.json and at least one row's")
     names = ordered(set.intersection(*(set(e["attacks"]) for e in evals)))
@@ -606,7 +604,6 @@ def main(args):
             Path(args.out).with_suffix(".md").write_text(text + "\n")
             write_json(Path(args.out).with_suffix(".json"), table)
         return table
-    check_args(args)
     seed_everything(args.seed, args.deterministic)
     device = pick_device(args.device)
     ckpt = load_checkpoint(args.ckpt)
