@@ -4,14 +4,16 @@ Each training sample is perturbed either adversarially (TRADES boundary loss) or
 CE), with a per-sample bound (grad-based Eq. 26 or FRL's class-wise ReMargin). A weighting network f_Omega maps six
 training characteristics (Eqs. 20-24) to the soft direction weights (alpha_x, beta_x) of Eq. (25); Omega is learned
 online on a clean meta set with the one-step look-ahead of Eqs. (27)-(29) (Algorithm 1), under FRL's fairness
-constraints (Eq. 19). The baselines of the paper's tables run in the same harness (--method). Comments "Eq. (k)" and
-"Alg. 1, line n" refer to the CAAT paper; the choices it leaves open are in README.md#caat_metapy. Upstream code
-cited in comments: FRL (Xu et al. 2021; frlrw.py, frlrmrw.py) https://github.com/hannxu123/fair_robust, TRADES
-https://github.com/yaodongyu/TRADES, Meta-Weight-Net https://github.com/xjtushujun/meta-weight-net.
+constraints (Eq. 19). Four orthogonal choices -- direction, bound, reweighting, loss -- also give the baselines of
+the paper's tables and the Sec. 6.5 Settings I-IV (the preset table: README, caat_meta.py section). Comments
+"Eq. (k)" and "Alg. 1, line n" refer to the CAAT paper; "README Dn" to the numbered details there. Upstream code cited
+in comments: FRL (Xu et al. 2021) https://github.com/hannxu123/fair_robust, TRADES https://github.com/yaodongyu/TRADES,
+Meta-Weight-Net https://github.com/xjtushujun/meta-weight-net, robust overfitting (Rice et al. 2020)
+https://github.com/locuslab/robust_overfitting.
 
-    python caat_meta.py --dataset cifar10 --init-ckpt hot_start.pt --lr 0.001 --epochs 40    # FRL protocol
-    python caat_meta.py --dataset cifar10 --scenario noisy --noise pairflip --noise-rate 0.2  # from scratch
-    python caat_meta.py --method trades --lam 6                                               # a baseline
+    python caat_meta.py --dataset cifar10                                                     # Alg. 1, Setting IV
+    python caat_meta.py --dataset cifar10 --scenario noisy --noise pairflip --noise-rate 0.2
+    python caat_meta.py --direction adversarial --bound fixed --reweight none --lam 6         # TRADES (beta = 6)
     python caat_meta.py --dataset fake --device cpu --width 8 --epochs 1 --max-steps 2 --attack-steps 1 \
         --eval-examples 8                                                                     # smoke test
 
@@ -39,54 +41,40 @@ from attacks import ATTACKS
 from attacks.lp import TRADES_INIT_STD
 
 SCRIPT = "caat_meta"
-METHODS = ("meta-caat", "pgd-at", "trades", "frl-reweight", "frl-remargin", "frl-both", "baseline-reweight")
-SETTINGS = ("IV", "I", "II", "III", "without")   # Sec. 6.5 ablations; IV = full Meta-CAAT
 REMARGIN_CLAMP = (0.98, 3.0)   # FRL frlrmrw.py: eps_c = eps * clamp(exp(2 phi_m), 0.98, 3)
-FRL_HALVE_EVERY = 40           # FRL halves its multiplier rate every 40 epochs (FRL's code)
-EVAL_STEP = 2 / 255            # test / validation PGD step (as FRL's code)
 
 
 def make_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_flags(parser)
-    parser.set_defaults(epochs=100, lr=0.1)   # default: from scratch, 100 epochs, lr 0.1 (x0.1 at 50%, 75%)
-    g = parser.add_argument_group("CAAT (Alg. 1)")
-    g.add_argument("--method", type=str, default="meta-caat", choices=METHODS)
-    g.add_argument("--setting", type=str, default="IV", choices=SETTINGS,
-                   help="Sec. 6.5: I same direction+bound, II same direction/varied bound, III both directions/"
-                        "same bound, IV both + varied (full), without: tail adversarial, head anti, fixed bound")
-    g.add_argument("--drop-characteristic", type=str, default="",
-                   help="comma list of zeta indices 1..6 to zero (Fig. 15)")
-    g.add_argument("--scenario", type=str, default="standard", choices=("standard", "noisy", "longtail"))
-    g.add_argument("--noise", type=str, default="uniform", choices=("uniform", "pairflip"), help="Sec. 6.3")
-    g.add_argument("--noise-rate", type=float, default=0.2, help="r: fraction of training labels resampled")
-    g.add_argument("--imbalance", type=float, default=10.0, help="IF of the long-tailed profile (Cui et al.)")
-    g.add_argument("--meta-per-class", type=int, default=0,
-                   help="clean validation/meta images per class (0 = 300, FRL/CAAT; 5 for --dataset fake)")
-    g.add_argument("--eps", type=fraction, default=8 / 255, help="predefined bound epsilon (Sec. 6.1)")
+    add_caat_flags(parser)
+    g = parser.add_argument_group("Meta-CAAT (Alg. 1); the baselines and Settings I-IV are presets of these (README)")
+    g.add_argument("--direction", default="learned", choices=("learned", "adversarial", "head-tail"),
+                   help="learned: f_Omega (Eq. 25); adversarial: every sample; head-tail: tail classes adversarial, "
+                        "head classes anti-adversarial (Sec. 6.5 'Without')")
+    g.add_argument("--bound", default="grad", choices=("grad", "fixed", "remargin"),
+                   help="grad: Eq. (26); fixed: --eps; remargin: FRL's class-wise bound")
+    g.add_argument("--reweight", default="nat-bdy", choices=("nat-bdy", "nat", "rob", "none"),
+                   help="FRL class weights on the natural and boundary terms (Eq. 19), on the natural term only "
+                        "(FRL ReMargin), on the whole loss from robust errors (Baseline ReWeight), or none")
+    g.add_argument("--loss", default="trades", choices=("trades", "ce"),
+                   help="adversary term: CE(x) + lam KL(x, x_adv) from a KL attack (TRADES), or CE(x_adv) from a CE "
+                        "attack with a uniform start (PGD-AT, Madry et al.)")
     g.add_argument("--lam", "--beta", dest="lam", type=fraction, default=1.5,
                    help="lambda of Eq. (25) (= TRADES/FRL beta; CAAT grid {2/3, 1, 1.5, 6})")
-    g.add_argument("--bound", type=str, default="grad", choices=("grad", "remargin"), help="Eq. (26) or ReMargin")
     g.add_argument("--bound-offset", type=float, default=0.9, help="varepsilon of Eq. (26)")
-    g.add_argument("--tau", type=float, default=0.1, help="tau of the tau-softmax of f_Omega (Sec. 4.3)")
-    g.add_argument("--hidden", type=int, default=100, help="hidden width of f_Omega")
-    g.add_argument("--meta-lr", type=float, default=1e-3, help="eta_2: Adam lr of Omega (Eq. 28)")
-    g.add_argument("--meta-weight-decay", type=float, default=1e-4)
+    g.add_argument("--tau", type=float, default=0.1, help="final tau of the tau-softmax of f_Omega (Sec. 4.3)")
+    g.add_argument("--tau-start", type=float, default=1.0,
+                   help="tau anneals geometrically from this to --tau over the first half of the iterations")
+    g.add_argument("--meta-lr", type=float, default=1e-4, help="eta_2 of Eq. (28) (SGD, momentum below)")
+    g.add_argument("--meta-momentum", type=float, default=0.9)
+    g.add_argument("--meta-weight-decay", type=float, default=5e-4)
+    g.add_argument("--meta-init-std", type=float, default=0.1, help="std of f_Omega's random last layer")
     g.add_argument("--meta-batch-size", type=int, default=128, help="m of Alg. 1")
-    g.add_argument("--fairness", action=argparse.BooleanOptionalAction, default=True,
-                   help="FRL ReWeight constraints of Eq. (25) in meta-caat")
-    g.add_argument("--tau1", type=float, default=0.05, help="natural-error slack of Eq. (19)")
-    g.add_argument("--tau2", type=float, default=0.05, help="boundary-error slack of Eq. (19)")
-    g.add_argument("--frl-rate", type=float, default=0.05, help="multiplier step (boundary: 2x), halved every 40 ep.")
-    g.add_argument("--frl-limit", type=float, default=0.5, help="cap on the sum of each multiplier vector")
     g.add_argument("--remargin-rate", type=float, default=0.2, help="ReMargin multiplier step")
-    g.add_argument("--val-attack-steps", type=int, default=20, help="PGD steps on the validation split (FRL)")
-    g.add_argument("--schedule", type=str, default="piecewise", choices=("piecewise", "constant"),
-                   help="lr x0.1 at 50%% and x0.01 at 75%% of the iterations, or constant (FRL's fine-tuning)")
-    # DEVIATION: per-epoch test metrics with PGD-10 and PGD-20 (FRL's eval), not the paper's PGD-100 -- cost;
-    # --eval-pgd-steps 10,100 gives the paper's pair
-    g.add_argument("--eval-pgd-steps", type=str, default="10,20", help="PGD steps of the per-epoch test metrics")
+    g.add_argument("--drop-characteristic", type=str, default="",
+                   help="comma list of zeta indices 1..6 to zero (Fig. 15)")
     return parser
 
 
@@ -94,9 +82,323 @@ def get_args(argv=None):
     return parse_args(make_parser(), argv, check_args)
 
 
+def check_args(args):
+    """Meta-CAAT's flags (the shared CAAT flags are checked by check_caat_args)."""
+    check_caat_args(args, SCRIPT)
+    if args.meta_batch_size < 1 or args.lam < 0 or args.tau <= 0 or args.tau_start <= 0 or args.meta_lr <= 0:
+        raise ValueError(f"need --meta-batch-size >= 1, --lam >= 0, --tau, --tau-start, --meta-lr > 0; got "
+                         f"{args.meta_batch_size}, {args.lam}, {args.tau}, {args.tau_start}, {args.meta_lr}")
+    if not all(s.strip() in ("1", "2", "3", "4", "5", "6") for s in args.drop_characteristic.split(",") if s.strip()):
+        raise ValueError(f"--drop-characteristic takes indices 1..6 of {CHARACTERISTICS}, "
+                         f"got {args.drop_characteristic!r}")
+    if args.drop_characteristic and args.direction != "learned":
+        raise ValueError(f"--drop-characteristic removes an input of f_Omega; --direction is {args.direction!r}")
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Sec. 4.2 and 4.3.1: characteristics and bound (shared with caat_reinforce.py)
+# Sec. 4.3: the weighting network f_Omega and the grad-based bound (Eq. 26)
 # ----------------------------------------------------------------------------------------------------------------
+
+class WeightingNet(nn.Module):
+    """f_Omega: zeta (B, 6) -> MLP with one hidden layer -> Softmax((h w + b) / tau) = (alpha_x, beta_x) (Eq. 25)."""
+
+    def __init__(self, hidden=100, tau=0.1, init_std=0.1):
+        super().__init__()
+        self.tau = tau
+        self.net = nn.Sequential(nn.Linear(len(CHARACTERISTICS), hidden), nn.ReLU(), nn.Linear(hidden, 2))
+        # DEVIATION: the paper gives no init; a small random last layer (README D15) -- a zero one makes every sample's
+        # logit gap move by the same batch-wide amount, so the directions collapse to one side
+        nn.init.normal_(self.net[2].weight, std=init_std)
+        nn.init.zeros_(self.net[2].bias)
+
+    def forward(self, zeta):
+        return F.softmax(self.net(zeta) / self.tau, dim=1)
+
+
+def tau_at(step, total, args):
+    """tau anneals geometrically from --tau-start to --tau over the first half of the iterations (README D15)."""
+    frac = min(step / max(0.5 * total, 1), 1.0)
+    return args.tau_start * (args.tau / args.tau_start) ** frac
+
+
+def input_grad_norms(model, logits_clean, x_adv, x_anti, y):
+    """g of Eq. (26): ||d KL(f(x) || f(x_adv)) / d x_adv||_2 and ||d CE(f(x_anti), y) / d x_anti||_2, each (B,)."""
+    p_clean = F.softmax(logits_clean.detach().float(), 1)
+    xa, xt = x_adv.detach().requires_grad_(True), x_anti.detach().requires_grad_(True)
+    kl = F.kl_div(F.log_softmax(model(xa), 1), p_clean, reduction="sum")   # per-sample terms are independent
+    ce = F.cross_entropy(model(xt), y, reduction="sum")
+    (g_adv,) = torch.autograd.grad(kl, [xa])
+    (g_anti,) = torch.autograd.grad(ce, [xt])
+    return g_adv.flatten(1).norm(dim=1), g_anti.flatten(1).norm(dim=1)
+
+
+def grad_bound(g_adv, g_anti, a, b, eps, offset=0.9):
+    """Eq. (26): eps_x = (a g_adv_bar + b g_anti_bar + offset) eps, with g_bar = g / (batch max of g) in [0, 1].
+
+    a, b: (B,) direction weights alpha_x, beta_x (detached); so eps_x lies in [offset eps, (1 + offset) eps].
+    """
+    g_adv_bar = g_adv / g_adv.max().clamp_min(1e-12)     # "normalized" in Eq. (26): our reading (README D16)
+    g_anti_bar = g_anti / g_anti.max().clamp_min(1e-12)
+    return (a * g_adv_bar + b * g_anti_bar + offset) * eps
+
+
+def remargin_eps(fair, eps):
+    """FRL ReMargin: eps_c = eps * clamp(exp(2 phi_m(c)), 0.98, 3), (C,)."""
+    return eps * torch.exp(2 * fair.phi["m"]).clamp(*REMARGIN_CLAMP)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sec. 4.3.2: the one-step look-ahead (Eqs. 27-29)
+# ----------------------------------------------------------------------------------------------------------------
+
+def perturb(model, x, y, eps, steps, direction, loss, seed):
+    """K sign steps of eps_i/4 (eta_0) inside each sample's l_inf ball (Alg. 1, lines 7-10); `seed` replays the init.
+
+    loss "kl": ascend KL(f(x) || f(.)) from x + 0.001 N(0, I) (Alg. 1, line 5; TRADES); "ce": ascend (direction +1,
+    PGD-AT, uniform start) or descend (-1, the anti-adversary, from x + 0.001 N(0, I)) CE(f(.), y).
+    """
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    init = "uniform" if loss == "ce" and direction > 0 else "trades"
+    return ATTACKS["linf"](model, x, y, eps=eps, steps=steps, step_size=eps / 4, init=init, direction=direction,
+                           loss=loss, generator=gen)
+
+
+def per_sample_losses(forward, x, x_adv, x_anti, y, loss):
+    """(B,) terms of Eq. (25): "nat" CE(f(x), y) and "bdy" KL(f(x) || f(x_adv)) (TRADES: both branches carry grad),
+    or "nat" CE(f(x_adv), y) and "bdy" 0 (--loss ce, PGD-AT); "anti" CE(f(x_anti), y) when x_anti is given."""
+    if loss == "ce":
+        out = {"nat": F.cross_entropy(forward(x_adv), y, reduction="none")}
+        out["bdy"] = torch.zeros_like(out["nat"])
+    else:
+        logits = forward(x)
+        out = {"nat": F.cross_entropy(logits, y, reduction="none"),
+               "bdy": F.kl_div(F.log_softmax(forward(x_adv), 1), F.softmax(logits, 1), reduction="none").sum(1)}
+    if x_anti is not None:
+        out["anti"] = F.cross_entropy(forward(x_anti), y, reduction="none")
+    return out
+
+
+def weighted_loss(t, a, b, w_nat, w_bdy, lam):
+    """Eq. (25)/(27) with FRL's class weights: sum a w_nat CE / sum w_nat + lam sum a w_bdy KL / sum w_bdy
+    + sum b w_nat CE_anti / sum w_nat. Uniform weights give the plain batch mean of Eq. (27) (README D19)."""
+    # DEVIATION: each term is normalised by its own weight sum, for every method; FRL's ReMargin code (frlrm.py)
+    # divides both by the joint sum (README D19)
+    loss = (a * w_nat * t["nat"]).sum() / w_nat.sum() + lam * (a * w_bdy * t["bdy"]).sum() / w_bdy.sum()
+    if "anti" in t:
+        loss = loss + (b * w_nat * t["anti"]).sum() / w_nat.sum()
+    return loss
+
+
+def meta_step(model, wnet, wopt, zeta, x, x_adv, x_anti, y, w_nat, w_bdy, x_meta, y_meta, x_meta_adv, lr, args):
+    """Eqs. (27)-(28): virtual SGD step W_hat(Omega), robust meta loss of W_hat on the clean meta batch, step on Omega.
+
+    The classifier runs through torch.func.functional_call on CLONED buffers, so the virtual and meta forwards (train
+    mode, batch statistics) leave the real BN running statistics untouched. Returns the meta loss; Omega's gradient
+    stays in .grad.
+    """
+    params = dict(model.named_parameters())
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    w = wnet(zeta)                                                        # (B, 2), differentiable in Omega
+    t = per_sample_losses(lambda inp: functional_call(model, (params, buffers), (inp,)), x, x_adv, x_anti, y, args.loss)
+    grads = torch.autograd.grad(weighted_loss(t, w[:, 0], w[:, 1], w_nat, w_bdy, args.lam), list(params.values()),
+                                create_graph=True)
+    fast = {k: p - lr * g for (k, p), g in zip(params.items(), grads)}   # Eq. (27): W_hat, eta_1 = current lr
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    # DEVIATION: Eq. (28) weights the meta loss by alpha/beta of the meta samples; we use the unweighted robust loss
+    # (README D14) -- the literal form is minimised by sending every meta sample to the anti-adversary branch
+    m = per_sample_losses(lambda inp: functional_call(model, (fast, buffers), (inp,)), x_meta, x_meta_adv, None,
+                          y_meta, args.loss)
+    meta_loss = (m["nat"] + args.lam * m["bdy"]).mean()
+    omega = list(wnet.parameters())
+    wopt.zero_grad(set_to_none=True)
+    for p, g in zip(omega, torch.autograd.grad(meta_loss, omega)):       # second order: through W_hat(Omega)
+        p.grad = g
+    wopt.step()                                                           # Eq. (28)
+    return meta_loss.detach()
+
+
+def trades_init(x, seed):
+    """x + 0.001 N(0, I) (Alg. 1, line 5) from a generator seeded with `seed`, exactly as attacks.linf draws it."""
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    return (x + TRADES_INIT_STD * torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)).clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One iteration of Algorithm 1 (lines 4-13); the baselines are the same step with other choices
+# ----------------------------------------------------------------------------------------------------------------
+
+def train_step(model, wnet, opt, wopt, x, y, meta_batch, ctx, args):
+    """Alg. 1, lines 4-13. ctx: class_counts, class_loss (updated here), w_nat, w_bdy, eps_cls, head, keep_zeta.
+
+    Returns per-sample alpha (adversary weight; > 0.5 counts as adversary), bound, margin and the loss (on the device).
+    """
+    learned, n = args.direction == "learned", len(y)
+    model.eval()   # characteristics and TRADES-style attacks in eval mode (README D3)
+    with torch.no_grad():   # Sec. 4.2: characteristics on the clean x, then the zeta_6 EMA update
+        logits = model(x)
+        raw = raw_characteristics(logits, y, ctx["class_counts"], ctx["class_loss"])
+        ctx["class_loss"] = update_class_loss(ctx["class_loss"], raw[:, 0], y)
+        zeta = scale_characteristics(raw, len(ctx["class_counts"])) * ctx["keep_zeta"]
+        if learned:
+            a = wnet(zeta)[:, 0]                                         # alpha of the current Omega, for Eq. (26)
+        elif args.direction == "head-tail":                              # Sec. 6.5 "Without"
+            a = (~ctx["head"][y]).float()
+        else:
+            a = torch.ones(n, device=x.device)
+    b = 1 - a
+    seed_adv, seed_anti, seed_meta = torch.randint(0, 2 ** 62, (3,)).tolist()
+    if args.bound == "remargin":                                         # Alg. 1, line 6: FRL's class-wise bound
+        eps = ctx["eps_cls"][y]
+    elif args.bound == "grad":                                           # Alg. 1, line 6: Eq. (26) at the init points
+        # (the 0.001 N init lies far inside every eps ball, so attacks.linf's projection leaves it unchanged)
+        g_adv, g_anti = input_grad_norms(model, logits, trades_init(x, seed_adv), trades_init(x, seed_anti), y)
+        eps = grad_bound(g_adv, g_anti, a, b, args.eps, args.bound_offset)
+    else:
+        eps = torch.full((n,), args.eps, device=x.device)
+    adv_loss = "ce" if args.loss == "ce" else "kl"
+    model.train(args.loss == "ce")   # PGD-AT attacks in train mode, as Madry et al. and Rice et al. (README D20)
+    x_adv = perturb(model, x, y, eps, args.attack_steps, 1, adv_loss, seed_adv)                        # line 8
+    x_anti = None if args.direction == "adversarial" else perturb(model, x, y, eps, args.attack_steps, -1, "ce",
+                                                                  seed_anti)                           # line 9
+    model.train()
+    w_nat, w_bdy = ctx["w_nat"][y], ctx["w_bdy"][y]
+    if learned:   # Alg. 1, lines 12-13: Eqs. (27), (28); then alpha/beta from the UPDATED Omega for Eq. (29)
+        model.eval()   # the meta batch's adversary against the current W, fixed eps (meta loss of meta_step)
+        x_meta_adv = perturb(model, *meta_batch, torch.full((len(meta_batch[1]),), args.eps, device=x.device),
+                             args.attack_steps, 1, adv_loss, seed_meta)
+        model.train()
+        meta_step(model, wnet, wopt, zeta, x, x_adv, x_anti, y, w_nat, w_bdy, *meta_batch, x_meta_adv,
+                  opt.param_groups[0]["lr"], args)
+        with torch.no_grad():
+            a = wnet(zeta)[:, 0]
+        b = 1 - a
+    opt.zero_grad(set_to_none=True)
+    loss = weighted_loss(per_sample_losses(model, x, x_adv, x_anti, y, args.loss), a, b, w_nat, w_bdy, args.lam)
+    loss.backward()                                                      # Eq. (29)
+    opt.step()
+    return {"alpha": a, "eps": eps, "margin": raw[:, 1], "loss": loss.detach()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main: run setup -> classifier, f_Omega -> epochs [FRL multipliers, Alg. 1 per batch, evaluate, log, ckpt] -> results
+# ----------------------------------------------------------------------------------------------------------------
+
+def main(args):
+    args, resume, device, out_dir, data, sc = start_run(args, SCRIPT, "wnet")
+    C = data["num_classes"]
+    model, opt, sched, total = make_classifier(args, data, device, len(sc["train_y"]))
+    wnet = WeightingNet(args.hidden, tau_at(0, total, args), args.meta_init_std).to(device)   # Alg. 1, line 1
+    # DEVIATION: the paper gives no optimiser for Omega; SGD with momentum (Meta-Weight-Net's WRN script), not Adam
+    # (README D15): Adam's sign-like first steps push every sample's logit gap the same way
+    wopt = torch.optim.SGD(wnet.parameters(), lr=args.meta_lr, momentum=args.meta_momentum,
+                           weight_decay=args.meta_weight_decay)
+    fair = Fairness(C, args)
+    uses = {"nat-bdy": ("nat", "bdy"), "nat": ("nat",), "rob": ("rob",), "none": ()}[args.reweight]
+    uses += ("m",) if args.bound == "remargin" else ()
+    data_gen = torch.Generator().manual_seed(args.seed)        # shuffling + augmentation
+    meta_gen = torch.Generator().manual_seed(args.seed + 1)    # meta-batch draws (Alg. 1, line 3)
+    head = torch.zeros(C, dtype=torch.bool, device=device)     # "Without": the larger half of the classes is head
+    head[torch.sort(sc["class_counts"].cpu(), descending=True, stable=True).indices[: C // 2]] = True
+    keep_zeta = torch.ones(len(CHARACTERISTICS), device=device)
+    for i in [int(s) for s in args.drop_characteristic.split(",") if s.strip()]:
+        keep_zeta[i - 1] = 0.0                                  # Fig. 15 ablation: zeta_i removed (input set to 0)
+    ctx = {"class_counts": sc["class_counts"], "class_loss": torch.full((C,), math.log(C), device=device),
+           "head": head, "keep_zeta": keep_zeta}
+    state = new_state()
+    nets = {"model": model, "optimizer": opt, "scheduler": sched, "wnet": wnet, "wnet_optimizer": wopt}
+    if resume is not None:
+        restore_run(resume, nets, fair, ctx, state, out_dir, data_gen, meta_gen)
+    elif args.init_ckpt:
+        evaluate_initial(model, data, state, args, out_dir)
+    t_start = time.time() - state["time_s"]
+
+    for epoch in range(state["epoch"], args.epochs):
+        t_epoch = time.time()
+        rec = update_fairness(fair, uses, model, sc, epoch, args)   # Eq. (19) via FRL, once per epoch
+        w_rob = fair.class_weight("rob").to(device)
+        ctx.update(w_nat=w_rob if "rob" in uses else fair.class_weight("nat").to(device),
+                   w_bdy=w_rob if "rob" in uses else fair.class_weight("bdy").to(device),
+                   eps_cls=remargin_eps(fair, args.eps).to(device))
+        stats = DirectionStats(C, device)
+        for x, y, noisy in epoch_batches(sc, data, args, data_gen, state, stats, out_dir, total):   # Alg. 1, line 3
+            meta_batch = None
+            if args.direction == "learned":    # m clean meta samples, no augmentation
+                mi = torch.randint(0, len(sc["meta_y"]), (args.meta_batch_size,), generator=meta_gen).to(device)
+                meta_batch = (to_float(sc["meta_x"][mi]), sc["meta_y"][mi])
+            wnet.tau = tau_at(state["step"], total, args)
+            s = train_step(model, wnet, opt, wopt, x, y, meta_batch, ctx, args)
+            sched.step()
+            stats.add(y, noisy, s["alpha"], s["eps"], s["margin"], s["loss"])
+        rec.update({"lr": opt.param_groups[0]["lr"], "caat/tau": wnet.tau, **stats.log(),
+                    "frl/w_nat": ctx["w_nat"].tolist(), "frl/w_bdy": ctx["w_bdy"].tolist(),
+                    "frl/eps_class": (255 * ctx["eps_cls"]).tolist()})
+        if end_epoch(model, data, state, rec, epoch, t_epoch, t_start, args, out_dir, nets, fair, ctx,
+                     (data_gen, meta_gen), f"adv ratio {rec['caat/adv_ratio']:.2f}"):
+            break
+    return finish(model, data, state, args, out_dir, t_start)
+
+
+def method_name(args):
+    """The README preset these flags make, or a description of the combination."""
+    presets = {("adversarial", "fixed", "none", "ce"): "pgd-at", ("adversarial", "fixed", "none", "trades"): "trades",
+               ("adversarial", "fixed", "nat-bdy", "trades"): "frl-reweight",
+               ("adversarial", "remargin", "nat", "trades"): "frl-remargin",
+               ("adversarial", "remargin", "nat-bdy", "trades"): "frl-both",
+               ("adversarial", "fixed", "rob", "trades"): "baseline-reweight",
+               ("learned", "grad", "nat-bdy", "trades"): "meta-caat"}
+    key = (args.direction, args.bound, args.reweight, args.loss)
+    return presets.get(key, "meta-caat/" + "/".join(key))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared by both CAAT scripts (byte-identical copies, tests/test_copies.py): flags, characteristics (Eqs. 20-24),
+# data scenarios, FRL's fairness multipliers (Eq. 19), class-wise metrics (Eqs. 45-48), the run scaffolding
+# ----------------------------------------------------------------------------------------------------------------
+
+# ==== BEGIN SHARED: caat-flags (canonical: caat_meta.py; copies: caat_reinforce.py) ====
+def add_caat_flags(parser):
+    """Data scenario, FRL multipliers (Eq. 19) and per-epoch metrics: the same flags and defaults in both scripts."""
+    parser.set_defaults(epochs=100, lr=0.1)   # default: from scratch, 100 epochs, lr 0.1 (x0.1 at 50%, 75%)
+    g = parser.add_argument_group("CAAT data scenario (Sec. 6.3, 6.4), fairness constraints (Eq. 19), metrics")
+    g.add_argument("--scenario", type=str, default="standard", choices=("standard", "noisy", "longtail"))
+    g.add_argument("--noise", type=str, default="uniform", choices=("uniform", "pairflip"), help="Sec. 6.3")
+    g.add_argument("--noise-rate", type=float, default=0.2, help="r: fraction of training labels resampled")
+    g.add_argument("--imbalance", type=float, default=10.0, help="IF of the long-tailed profile (Cui et al.)")
+    g.add_argument("--meta-per-class", type=int, default=0,
+                   help="clean meta / validation images per class (0 = 300, FRL and CAAT; 5 for --dataset fake)")
+    g.add_argument("--eps", type=fraction, default=8 / 255, help="predefined bound epsilon and test PGD bound")
+    g.add_argument("--hidden", type=int, default=100, help="hidden width of the strategy network f_Omega")
+    g.add_argument("--tau1", type=float, default=0.05, help="natural-error slack of Eq. (19)")
+    g.add_argument("--tau2", type=float, default=0.05, help="boundary-error slack of Eq. (19)")
+    g.add_argument("--frl-rate", type=float, default=0.05, help="multiplier step (boundary: 2x), halved every 40 ep.")
+    g.add_argument("--frl-limit", type=float, default=0.5, help="cap on the sum of each multiplier vector")
+    g.add_argument("--val-attack-steps", type=int, default=20, help="PGD steps on the validation split (FRL)")
+    g.add_argument("--schedule", type=str, default="piecewise", choices=("piecewise", "constant"),
+                   help="lr x0.1 at 50%% and x0.01 at 75%% of the iterations, or constant (FRL's fine-tuning)")
+    # DEVIATION: per-epoch test metrics with PGD-10 and PGD-20 (FRL's eval), not the paper's PGD-100 -- cost
+    g.add_argument("--eval-pgd-steps", type=str, default="10,20", help="PGD steps of the per-epoch test metrics")
+    g.add_argument("--log-every", type=int, default=50,
+                   help="steps between progress lines and direction/bound records (kind 'window') in log.jsonl")
+
+
+def check_caat_args(args, script):
+    """Clear errors for bad values of the shared CAAT flags (argparse handles the choices)."""
+    if not args.meta_per_class:
+        args.meta_per_class = 5 if args.dataset == "fake" else 300
+    for flag, low in (("meta_per_class", 1), ("hidden", 1), ("val_attack_steps", 1), ("log_every", 0)):
+        if getattr(args, flag) < low:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= {low}")
+    if not 0 < args.eps <= 1 or not 0 <= args.noise_rate <= 1 or args.imbalance < 1:
+        raise ValueError(f"need 0 < --eps <= 1, 0 <= --noise-rate <= 1, --imbalance >= 1; got {args.eps!r}, "
+                         f"{args.noise_rate!r}, {args.imbalance!r}")
+    if not all(s.strip().isdigit() and int(s) > 0 for s in args.eval_pgd_steps.split(",")):
+        raise ValueError(f"--eval-pgd-steps must be a comma list of positive ints, got {args.eval_pgd_steps!r}")
+    if args.attacks not in ("", "linf"):
+        raise ValueError(f"{script}.py trains and evaluates with l_inf PGD only; drop --attacks {args.attacks!r}")
+    if args.amp:
+        raise ValueError(f"--amp is not supported by {script}.py (fp32 only)")
+# ==== END SHARED: caat-flags ====
+
 
 # ==== BEGIN SHARED: caat-characteristics (canonical: caat_meta.py; copies: caat_reinforce.py) ====
 CHARACTERISTICS = ("loss", "margin", "grad_norm", "entropy", "class_prop", "class_loss")   # zeta_1..zeta_6
@@ -135,31 +437,6 @@ def update_class_loss(class_loss, losses, y, momentum=CLASS_LOSS_MOMENTUM):
     return torch.where(n > 0, momentum * class_loss + (1 - momentum) * total / n.clamp_min(1), class_loss)
 # ==== END SHARED: caat-characteristics ====
 
-
-def input_grad_norms(model, logits_clean, x_adv, x_anti, y):
-    """g of Eq. (26): ||d KL(f(x) || f(x_adv)) / d x_adv||_2 and ||d CE(f(x_anti), y) / d x_anti||_2, each (B,)."""
-    p_clean = F.softmax(logits_clean.detach().float(), 1)
-    xa, xt = x_adv.detach().requires_grad_(True), x_anti.detach().requires_grad_(True)
-    kl = F.kl_div(F.log_softmax(model(xa), 1), p_clean, reduction="sum")   # per-sample terms are independent
-    ce = F.cross_entropy(model(xt), y, reduction="sum")
-    (g_adv,) = torch.autograd.grad(kl, [xa])
-    (g_anti,) = torch.autograd.grad(ce, [xt])
-    return g_adv.flatten(1).norm(dim=1), g_anti.flatten(1).norm(dim=1)
-
-
-def grad_bound(g_adv, g_anti, a, b, eps, offset=0.9):
-    """Eq. (26): eps_x = (a g_adv_bar + b g_anti_bar + offset) eps, with g_bar = g / (batch max of g) in [0, 1].
-
-    a, b: (B,) direction weights alpha_x, beta_x (detached); so eps_x lies in [offset eps, (1 + offset) eps].
-    """
-    g_adv_bar = g_adv / g_adv.max().clamp_min(1e-12)     # "normalized" in Eq. (26): our reading
-    g_anti_bar = g_anti / g_anti.max().clamp_min(1e-12)
-    return (a * g_adv_bar + b * g_anti_bar + offset) * eps
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data scenarios (Sec. 6.3, 6.4): meta split, label noise, long tail -- seeded and saved with the run
-# ----------------------------------------------------------------------------------------------------------------
 
 # ==== BEGIN SHARED: caat-scenarios (canonical: caat_meta.py; copies: caat_reinforce.py) ====
 def split_meta(y, per_class, num_classes):
@@ -222,9 +499,9 @@ def build_scenario(args, data):
 # ==== END SHARED: caat-scenarios ====
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Fairness constraints (Eq. 19, solved as FRL does) and the weighting network (Sec. 4.3)
-# ----------------------------------------------------------------------------------------------------------------
+# ==== BEGIN SHARED: caat-fairness (canonical: caat_meta.py; copies: caat_reinforce.py) ====
+FRL_HALVE_EVERY = 40   # FRL halves its multiplier rate every 40 epochs (FRL's code)
+
 
 class Fairness:
     """FRL multipliers: phi_nat / phi_bdy (ReWeight), phi_rob (Baseline ReWeight), phi_m (ReMargin); as FRL's code."""
@@ -233,26 +510,22 @@ class Fairness:
         self.C, self.args = num_classes, args
         self.phi = {k: torch.zeros(num_classes) for k in ("nat", "bdy", "rob", "m")}
 
-    def update(self, nat_err, rob_err, epoch, use):
+    def update(self, nat_err, rob_err, epoch, uses):
         """One projected multiplier-ascent step on the class violations measured on the validation split."""
         a, rate = self.args, self.args.frl_rate * 0.5 ** (epoch // FRL_HALVE_EVERY)
         bdy_err = rob_err - nat_err
         viol = {"nat": nat_err - nat_err.mean() - a.tau1, "bdy": bdy_err - bdy_err.mean() - a.tau2,
                 "rob": rob_err - rob_err.mean() - a.tau1}
         for k, step in (("nat", rate), ("bdy", 2 * rate), ("rob", rate)):   # boundary: twice the rate (FRL)
-            if k in use:
+            if k in uses:
                 phi = (self.phi[k] + step * viol[k]).clamp_min(0)
                 self.phi[k] = phi * a.frl_limit / phi.sum() if phi.sum() > a.frl_limit else phi
-        if "m" in use:
+        if "m" in uses:
             self.phi["m"] = self.phi["m"] + a.remargin_rate * viol["bdy"]   # not clipped (FRL)
 
     def class_weight(self, k):
         """w(c) = 1/C + phi(c) - (1/C) sum_j phi(j) (FRL's cost-sensitive Lagrangian weights), (C,)."""
         return 1.0 / self.C + self.phi[k] - self.phi[k].sum() / self.C
-
-    def class_eps(self, eps):
-        """ReMargin: eps_c = eps * clamp(exp(2 phi_m(c)), 0.98, 3), (C,)."""
-        return eps * torch.exp(2 * self.phi["m"]).clamp(*REMARGIN_CLAMP)
 
     def state_dict(self):
         return dict(self.phi)
@@ -261,159 +534,20 @@ class Fairness:
         self.phi = {k: v.clone() for k, v in d.items()}
 
 
-class WeightingNet(nn.Module):
-    """f_Omega: zeta (B, 6) -> MLP with one hidden layer -> Softmax((h w + b) / tau) = (alpha_x, beta_x) (Eq. 25)."""
+def update_fairness(fair, uses, model, sc, epoch, args):
+    """Eq. (19) via FRL: class errors under PGD on the clean validation (= meta) split, then one multiplier step."""
+    if not uses:
+        return {}
+    val = fairness_metrics(model, sc["meta_x"], sc["meta_y"], [args.val_attack_steps], args.eps, fair.C, args)
+    fair.update(val["nat_err"], val[f"pgd{args.val_attack_steps}/rob_err"], epoch, uses)
+    return {"val/nat_err_avg": val["nat_err_avg"], "val/rob_err_avg": val[f"pgd{args.val_attack_steps}/rob_err_avg"]}
+# ==== END SHARED: caat-fairness ====
 
-    def __init__(self, hidden=100, tau=0.1):
-        super().__init__()
-        self.tau = tau
-        self.net = nn.Sequential(nn.Linear(len(CHARACTERISTICS), hidden), nn.ReLU(), nn.Linear(hidden, 2))
-        nn.init.zeros_(self.net[2].weight)   # neutral start alpha = beta = 0.5 (our choice)
-        nn.init.zeros_(self.net[2].bias)
-
-    def forward(self, zeta):
-        return F.softmax(self.net(zeta) / self.tau, dim=1)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# One iteration of Algorithm 1 (and of the baselines)
-# ----------------------------------------------------------------------------------------------------------------
-
-def perturb(model, x, y, eps, steps, direction, loss, seed):
-    """K sign steps of eps_i/4 (eta_0) from x + 0.001 N(0, I) (Alg. 1, lines 5, 7-10); `seed` replays the init."""
-    gen = torch.Generator(device=x.device).manual_seed(seed)
-    return ATTACKS["linf"](model, x, y, eps=eps, steps=steps, step_size=eps / 4, init="trades", direction=direction,
-                           loss=loss, generator=gen)
-
-
-def per_sample_losses(forward, x, x_adv, x_anti, y):
-    """(B,) terms of Eq. (25): CE(f(x), y), KL(f(x) || f(x_adv)) (TRADES: both branches carry grad), CE(f(x_anti), y)
-    (x_adv / x_anti None: that term is skipped)."""
-    logits = forward(x)
-    out = {"ce": F.cross_entropy(logits, y, reduction="none"), "logits": logits}
-    if x_adv is not None:
-        out["kl"] = F.kl_div(F.log_softmax(forward(x_adv), 1), F.softmax(logits, 1), reduction="none").sum(1)
-    if x_anti is not None:
-        out["anti"] = F.cross_entropy(forward(x_anti), y, reduction="none")
-    return out
-
-
-def weighted_loss(t, a, b, w_nat, w_bdy, lam):
-    """Eq. (25)/(27) with FRL's class weights: sum a w_nat CE / sum w_nat + lam sum a w_bdy KL / sum w_bdy
-    + sum b w_nat CE_anti / sum w_nat. Uniform weights give the plain batch mean of Eq. (27)."""
-    loss = (a * w_nat * t["ce"]).sum() / w_nat.sum() + lam * (a * w_bdy * t["kl"]).sum() / w_bdy.sum()
-    if "anti" in t:
-        loss = loss + (b * w_nat * t["anti"]).sum() / w_nat.sum()
-    return loss
-
-
-def meta_step(model, wnet, wopt, zeta, x, x_adv, x_anti, y, w_nat, w_bdy, x_meta, y_meta, x_meta_adv, lr, lam):
-    """Eqs. (27)-(28): virtual SGD step W_hat(Omega), TRADES meta loss of W_hat on the clean meta batch, Adam on Omega.
-
-    The classifier runs through torch.func.functional_call on CLONED buffers, so the virtual and meta forwards (train
-    mode, batch statistics) leave the real BN running statistics untouched. Returns the meta loss.
-    """
-    params = dict(model.named_parameters())
-    buffers = {k: v.clone() for k, v in model.named_buffers()}
-    w = wnet(zeta)                                                        # (B, 2), differentiable in Omega
-    t = per_sample_losses(lambda inp: functional_call(model, (params, buffers), (inp,)), x, x_adv, x_anti, y)
-    grads = torch.autograd.grad(weighted_loss(t, w[:, 0], w[:, 1], w_nat, w_bdy, lam), list(params.values()),
-                                create_graph=True)
-    fast = {k: p - lr * g for (k, p), g in zip(params.items(), grads)}   # Eq. (27): W_hat, eta_1 = current lr
-    buffers = {k: v.clone() for k, v in model.named_buffers()}
-    # DEVIATION: Eq. (28) weights the meta loss by alpha/beta of the meta samples; we use the unweighted TRADES loss
-    # -- the literal form is minimised by sending every meta sample to the anti-adversary branch (an
-    # anti-adversary's CE is at most the clean CE), which Omega could do without learning anything
-    m = per_sample_losses(lambda inp: functional_call(model, (fast, buffers), (inp,)), x_meta, x_meta_adv, None, y_meta)
-    meta_loss = (m["ce"] + lam * m["kl"]).mean()
-    omega = list(wnet.parameters())
-    wopt.zero_grad(set_to_none=True)
-    for p, g in zip(omega, torch.autograd.grad(meta_loss, omega)):       # second order: through W_hat(Omega)
-        p.grad = g
-    wopt.step()                                                           # Eq. (28), Adam with step eta_2
-    return meta_loss.detach()
-
-
-def trades_init(x, seed):
-    """x + 0.001 N(0, I) (Alg. 1, line 5) from a generator seeded with `seed`, exactly as attacks.linf draws it."""
-    gen = torch.Generator(device=x.device).manual_seed(seed)
-    return (x + TRADES_INIT_STD * torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)).clamp(0, 1)
-
-
-def learns_direction(args):
-    """Meta-CAAT Settings III and IV: the direction comes from f_Omega (and so the meta step runs)."""
-    return args.method == "meta-caat" and args.setting in ("III", "IV")
-
-
-def train_step(model, wnet, opt, wopt, x, y, meta_batch, ctx, args):
-    """Alg. 1, lines 4-13 for meta-caat (and the Sec. 6.5 settings); the same harness for the baselines.
-
-    ctx: class_counts, class_loss (updated here), w_nat, w_bdy, eps_cls (C,) tensors, num_classes, head (C,) bool.
-    Returns per-sample alpha (adversary weight; > 0.5 counts as adversary), bound and the loss (device tensors).
-    """
-    meta = args.method == "meta-caat"
-    n, eps = len(y), torch.full((len(y),), args.eps, device=x.device)
-    learned = learns_direction(args)                                     # f_Omega decides the direction
-    varied = (meta and args.setting in ("II", "IV")) or args.method in ("frl-remargin", "frl-both")
-    model.eval()   # attacks are generated in eval mode (BN running stats frozen); README D3
-    with torch.no_grad():
-        logits_clean = model(x)
-        if meta:   # Sec. 4.2: characteristics on the clean x, then the zeta_6 EMA update
-            zeta = scale_characteristics(raw_characteristics(logits_clean, y, ctx["class_counts"], ctx["class_loss"]),
-                                         ctx["num_classes"]) * ctx["keep_zeta"]
-            ce_clean = F.cross_entropy(logits_clean, y, reduction="none")
-            ctx["class_loss"] = update_class_loss(ctx["class_loss"], ce_clean, y)
-            w = wnet(zeta) if learned else None
-    if learned:
-        a, b = w[:, 0], w[:, 1]
-    elif meta and args.setting == "without":                             # Sec. 6.5 "Without": tail adv., head anti
-        a = (~ctx["head"][y]).float()
-        b = 1 - a
-    else:
-        a, b = torch.ones(n, device=x.device), torch.zeros(n, device=x.device)
-    anti = meta and args.setting in ("III", "IV", "without")
-    seed_adv, seed_anti = torch.randint(0, 2 ** 62, (2,)).tolist()
-    if args.method == "pgd-at":
-        x_adv = ATTACKS["linf"](model, x, y, eps=args.eps, steps=args.attack_steps, step_size=args.eps / 4)
-        x_anti = None
-    else:
-        if varied and (args.bound == "remargin" or not meta):             # FRL ReMargin, class-wise (frlrmrw.py)
-            eps = ctx["eps_cls"][y]
-        elif varied:                                                      # Alg. 1, line 6: Eq. (26) at the init points
-            # (the 0.001 N init lies far inside every eps ball, so attacks.linf's projection leaves it unchanged)
-            g_adv, g_anti = input_grad_norms(model, logits_clean, trades_init(x, seed_adv), trades_init(x, seed_anti),
-                                             y)
-            eps = grad_bound(g_adv, g_anti, a.detach(), b.detach(), args.eps, args.bound_offset)
-        x_adv = perturb(model, x, y, eps, args.attack_steps, 1, "kl", seed_adv)                        # line 8
-        x_anti = perturb(model, x, y, eps, args.attack_steps, -1, "ce", seed_anti) if anti else None  # line 9
-    x_meta_adv = None
-    if learned:   # the meta batch's adversary against the current W, fixed eps (meta loss of meta_step)
-        eps_meta = torch.full((len(meta_batch[1]),), args.eps, device=x.device)
-        x_meta_adv = perturb(model, *meta_batch, eps_meta, args.attack_steps, 1, "kl",
-                             int(torch.randint(0, 2 ** 62, (1,))))
-    model.train()
-    w_nat, w_bdy = ctx["w_nat"][y], ctx["w_bdy"][y]
-    if learned:   # Alg. 1, lines 12-13: Eqs. (27), (28); then alpha/beta from the UPDATED Omega for Eq. (29)
-        meta_step(model, wnet, wopt, zeta, x, x_adv, x_anti, y, w_nat, w_bdy, *meta_batch, x_meta_adv,
-                  opt.param_groups[0]["lr"], args.lam)
-        with torch.no_grad():
-            w = wnet(zeta)
-        a, b = w[:, 0], w[:, 1]
-    opt.zero_grad(set_to_none=True)
-    if args.method == "pgd-at":
-        loss = F.cross_entropy(model(x_adv), y)                          # Madry et al.: CE on the PGD example
-    else:
-        loss = weighted_loss(per_sample_losses(model, x, x_adv, x_anti, y), a, b, w_nat, w_bdy, args.lam)  # Eq. (29)
-    loss.backward()
-    opt.step()
-    return {"alpha": a.detach(), "eps": eps, "loss": loss.detach()}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Metrics: class-wise natural / boundary / robust errors (Eqs. 45-47; worst boundary = class-wise max, as FRL's code)
-# ----------------------------------------------------------------------------------------------------------------
 
 # ==== BEGIN SHARED: caat-metrics (canonical: caat_meta.py; copies: caat_reinforce.py) ====
+EVAL_STEP = 2 / 255   # test / validation PGD step (as FRL's code)
+
+
 def class_error(correct, y, num_classes):
     """Per-class error (C,), NaN for classes absent from y."""
     n = torch.bincount(y, minlength=num_classes).float()
@@ -422,7 +556,11 @@ def class_error(correct, y, num_classes):
 
 
 def fairness_metrics(model, x_u8, y, steps_list, eps, num_classes, args):
-    """Average (mean over classes) and worst-class natural, boundary and robust error, PGD-k for k in steps_list."""
+    """Average (mean over classes) and worst-class natural, boundary and robust error, PGD-k for k in steps_list.
+
+    Robust error (Eq. 47) counts a sample wrong if ANY ||delta|| <= eps misleads the model, delta = 0 included: a
+    clean error is a robust error even where the PGD point happens to be classified right.
+    """
     fns = {f"pgd{k}": (lambda k: lambda m, xb, yb: ATTACKS["linf"](m, xb, yb, eps=eps, steps=k, step_size=EVAL_STEP,
                                                                    init="uniform"))(k) for k in steps_list}
     res = evaluate(model, x_u8, y, fns, args.batch_size, args.seed)
@@ -430,233 +568,210 @@ def fairness_metrics(model, x_u8, y, steps_list, eps, num_classes, args):
     ok = ~nat.isnan()
     out = {"nat_err": nat, "nat_err_avg": nat[ok].mean().item(), "nat_err_worst": nat[ok].max().item()}
     for name in fns:
-        rob = class_error(res["correct"][name], y, num_classes)
+        rob = class_error(res["correct"][name] & res["correct"]["clean"], y, num_classes)   # Eq. (47)
         out.update({f"{name}/rob_err": rob, f"{name}/rob_err_avg": rob[ok].mean().item(),
                     f"{name}/rob_err_worst": rob[ok].max().item(), f"{name}/bdy_err_avg": (rob - nat)[ok].mean().item(),
                     f"{name}/bdy_err_worst": (rob - nat)[ok].max().item()})
     return out
-# ==== END SHARED: caat-metrics ====
 
 
 def plain(v):
-    """JSON-safe value: tensors to lists, NaN (a class absent from the subset) to None."""
+    """JSON-safe value: tensors to (nested) lists, NaN (a class or bucket with no sample) to None."""
     if isinstance(v, torch.Tensor):
-        return [None if math.isnan(e) else e for e in v.tolist()]
-    return v
+        v = v.tolist()
+    if isinstance(v, list):
+        return [plain(e) for e in v]
+    return None if isinstance(v, float) and math.isnan(v) else v
 
 
 def flat(prefix, metrics):
     return {f"{prefix}/{k}": plain(v) for k, v in metrics.items()}
+# ==== END SHARED: caat-metrics ====
 
 
-def direction_stats(acc, num_classes):
-    """Per-class ratio of adversaries and mean bound (Figs. 9, 13); clean vs noisy split (Fig. 10), bounds in /255."""
-    s = {k: v.cpu() for k, v in acc.items()}
-    rec = {"caat/adv_ratio": (s["adv"].sum() / s["n"].sum().clamp_min(1)).item(),
-           "caat/adv_ratio_class": (s["adv"] / s["n"].clamp_min(1)).tolist(),
-           "caat/alpha_class": (s["alpha"] / s["n"].clamp_min(1)).tolist(),
-           "caat/bound_class": (255 * s["eps"] / s["n"].clamp_min(1)).tolist()}
-    for j, part in enumerate(("clean", "noisy")):
-        rec[f"caat/adv_ratio_{part}"] = (s["adv_split"][j] / s["n_split"][j].clamp_min(1)).item()
-        rec[f"caat/alpha_{part}"] = (s["alpha_split"][j] / s["n_split"][j].clamp_min(1)).item()
-        rec[f"caat/bound_adv_{part}"] = (255 * s["eps_adv_split"][j] / s["adv_split"][j].clamp_min(1)).item()
-        n_anti = s["n_split"][j] - s["adv_split"][j]
-        rec[f"caat/bound_anti_{part}"] = (255 * s["eps_anti_split"][j] / n_anti.clamp_min(1)).item()
-        rec[f"caat/n_{part}"] = int(s["n_split"][j])
-    return rec
+# ==== BEGIN SHARED: caat-run (canonical: caat_meta.py; copies: caat_reinforce.py) ====
+class DirectionStats:
+    """Device-side sums over an epoch and over the current log window: per class, per clean / noisy training label
+    (Fig. 10), per signed bound bucket round(255 eps) * (+1 adversary, -1 anti-adversary) (Figs. 8c, 9, 13)."""
+    MAX_BOUND = 16   # buckets -16..16 (/255)
+
+    def __init__(self, num_classes, device):
+        self.C, self.device = num_classes, device
+        self.sums = [self.zeros(), self.zeros()]   # [epoch, current window]
+
+    def zeros(self):
+        z = lambda *shape: torch.zeros(*shape, device=self.device)   # noqa: E731
+        return {"cls": z(4, self.C), "split": z(5, 2), "bucket": z(2, 2 * self.MAX_BOUND + 1), "loss": z(()),
+                "steps": 0, "t0": time.time()}
+
+    def add(self, y, noisy, alpha, eps, margin, loss):
+        """alpha: (B,) adversary weight (> 0.5 counts as adversary); eps: (B,) bounds; margin: (B,) zeta_2."""
+        alpha, eps = alpha.float(), eps.float()
+        adv = (alpha > 0.5).float()
+        ones = torch.ones_like(adv)
+        k = (torch.round(255 * eps).clamp(max=self.MAX_BOUND) * (2 * adv - 1)).long() + self.MAX_BOUND
+        for s in self.sums:
+            s["cls"].index_add_(1, y, torch.stack([ones, adv, alpha, eps]))
+            s["split"].index_add_(1, noisy.long(), torch.stack([ones, adv, alpha, eps * adv, eps * (1 - adv)]))
+            s["bucket"].index_add_(1, k, torch.stack([ones, margin.float()]))
+            s["loss"] += loss
+            s["steps"] += 1
+
+    def log(self, window=False):
+        """The record of the epoch (or of the window, which then restarts); its .cpu() is the one host sync."""
+        s = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in self.sums[window].items()}
+        n, adv, alpha, eps = s["cls"]
+        steps = max(s["steps"], 1)
+        rec = {"train/loss": s["loss"].item() / steps, "time/step_s": (time.time() - s["t0"]) / steps,
+               "caat/adv_ratio": (adv.sum() / n.sum()).item(), "caat/alpha": (alpha.sum() / n.sum()).item()}
+        for j, part in enumerate(("clean", "noisy")):   # Fig. 10: anti-adversaries among noisy vs clean labels
+            n_j, adv_j, alpha_j, eps_adv, eps_anti = s["split"][:, j]
+            rec.update({f"caat/n_{part}": int(n_j), f"caat/adv_ratio_{part}": plain(adv_j / n_j),
+                        f"caat/alpha_{part}": plain(alpha_j / n_j),
+                        f"caat/bound_adv_{part}": plain(255 * eps_adv / adv_j),
+                        f"caat/bound_anti_{part}": plain(255 * eps_anti / (n_j - adv_j))})
+        if not window:
+            rec.update({"caat/adv_ratio_class": plain(adv / n), "caat/alpha_class": plain(alpha / n),
+                        "caat/bound_class": plain(255 * eps / n), "caat/bound_hist": s["bucket"][0].long().tolist(),
+                        "caat/margin_by_bound": plain(s["bucket"][1] / s["bucket"][0])})
+        if window:
+            self.sums[1] = self.zeros()
+        return rec
 
 
-def accumulate(acc, y, noisy, alpha, eps):
-    """Per-class and clean/noisy sums of: samples, adversaries (alpha > 0.5), alpha, bounds."""
-    advf, nz, alpha = (alpha > 0.5).float(), noisy.long(), alpha.float()
-    acc["alpha"].index_add_(0, y, alpha)
-    acc["alpha_split"].index_add_(0, nz, alpha)
-    acc["n"].index_add_(0, y, torch.ones_like(advf))
-    acc["adv"].index_add_(0, y, advf)
-    acc["eps"].index_add_(0, y, eps.float())
-    acc["n_split"].index_add_(0, nz, torch.ones_like(advf))
-    acc["adv_split"].index_add_(0, nz, advf)
-    acc["eps_adv_split"].index_add_(0, nz, eps.float() * advf)
-    acc["eps_anti_split"].index_add_(0, nz, eps.float() * (1 - advf))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# main: setup -> data scenario -> model -> (init / resume) -> epochs [FRL update, train, eval, log, ckpt] -> results
-# ----------------------------------------------------------------------------------------------------------------
-
-def main(args):
-    resume = load_resume(args.resume, SCRIPT, "wnet") if args.resume else None
+def start_run(args, script, key):
+    """Resume or validate, seed, device, data and scenario, then the run directory (nothing is written before)."""
+    resume = load_resume(args.resume, script, key) if args.resume else None
     if resume is not None:   # the run's settings from the checkpoint; device and testing aid from this command line
         args = argparse.Namespace(**{**resume["args"], "resume": args.resume, "device": args.device,
                                      "interrupt_at_step": args.interrupt_at_step})
     check_args(args)
     seed_everything(args.seed, args.deterministic)
     device = pick_device(args.device)
-    out_dir = make_run_dir(args, SCRIPT, resuming=resume is not None)
-    print(f"run directory: {out_dir}", flush=True)
     data = make_datasets(args, device)
-    C = data["num_classes"]
-    sc = build_scenario(args, data)
-    steps_per_epoch = math.ceil(len(sc["train_y"]) / args.batch_size)
-    pgd_steps = [int(s) for s in args.eval_pgd_steps.split(",")]
+    try:
+        sc = build_scenario(args, data)
+    except ValueError as e:
+        sys.exit(f"{script}.py: error: {e}")
+    out_dir = make_run_dir(args, script, resuming=resume is not None)
+    print(f"run directory: {out_dir}", flush=True)
     if resume is None:
         save_checkpoint(out_dir / "corruption.pt", {**sc["saved"], "noise": args.noise if args.scenario == "noisy"
                                                     else "", "seed": args.seed})
         write_json(out_dir / "args.json", {**vars(args), "derived": {
-            "steps_per_epoch": steps_per_epoch, "train_size": len(sc["train_y"]), "meta_size": len(sc["meta_y"]),
-            "class_counts": sc["class_counts"].tolist(), "noise_realised": sc["noisy"].float().mean().item()},
-            **run_info(device)})
+            "steps_per_epoch": math.ceil(len(sc["train_y"]) / args.batch_size), "train_size": len(sc["train_y"]),
+            "meta_size": len(sc["meta_y"]), "class_counts": sc["class_counts"].tolist(),
+            "noise_realised": sc["noisy"].float().mean().item()}, **run_info(device)})
+    return args, resume, device, out_dir, data, sc
 
-    model = build_model(C, data["mean"], data["std"], args.width, args.activation).to(device)
+
+def make_classifier(args, data, device, n_train):
+    """f_W (Alg. 1-2, line 1), its SGD optimiser and the per-iteration schedule; also the number of iterations."""
+    model = build_model(data["num_classes"], data["mean"], data["std"], args.width, args.activation).to(device)
     if args.init_ckpt:
         load_weights(model, args.init_ckpt)
-    wnet = WeightingNet(args.hidden, args.tau).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    wopt = torch.optim.Adam(wnet.parameters(), lr=args.meta_lr, weight_decay=args.meta_weight_decay)
-    total = max(args.epochs * steps_per_epoch, 1)   # piecewise: x0.1 at 50% and x0.01 at 75% of the iterations
+    total = max(args.epochs * math.ceil(n_train / args.batch_size), 1)   # piecewise: x0.1 at 50%, x0.01 at 75%
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if args.schedule == "constant" or s < 0.5 * total
                                               else (0.1 if s < 0.75 * total else 0.01))
-    fair = Fairness(C, args)
-    data_gen = torch.Generator().manual_seed(args.seed)        # shuffling + augmentation
-    meta_gen = torch.Generator().manual_seed(args.seed + 1)    # meta-batch draws (Alg. 1, line 3)
-    order = torch.sort(sc["class_counts"].cpu(), descending=True, stable=True).indices
-    head = torch.zeros(C, dtype=torch.bool)
-    head[order[: C // 2]] = True                                # "Without": the larger half of the classes is head
-    keep_zeta = torch.ones(len(CHARACTERISTICS), device=device)
-    for i in [int(s) for s in args.drop_characteristic.split(",") if s.strip()]:
-        keep_zeta[i - 1] = 0.0                                  # Fig. 15 ablation: zeta_i removed (input set to 0)
-    ctx = {"class_counts": sc["class_counts"], "class_loss": torch.full((C,), math.log(C), device=device),
-           "num_classes": C, "head": head.to(device), "keep_zeta": keep_zeta}
-    test_x, test_y = data["test_x"][: args.eval_examples], data["test_y"][: args.eval_examples]
-    train_index = torch.arange(len(sc["train_y"]), device=device)
-    # DEVIATION: FRL (ReMargin) reweights only the natural term and normalises CE and KL by their own weight sums
-    # (weighted_loss), where FRL's frlrm.py divides by the joint sum -- one loss form for every method
-    use = {"meta-caat": ("nat", "bdy") if args.fairness else (), "frl-reweight": ("nat", "bdy"),
-           "frl-remargin": ("nat",), "frl-both": ("nat", "bdy"), "baseline-reweight": ("rob",)}.get(args.method, ())
-    if args.method in ("frl-remargin", "frl-both") or (args.method == "meta-caat" and args.bound == "remargin"):
-        use = use + ("m",)
-
-    state = {"epoch": 0, "step": 0, "results": {}, "time_s": 0.0}
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
-        wnet.load_state_dict(resume["wnet"])
-        wopt.load_state_dict(resume["wnet_optimizer"])
-        fair.load_state_dict(resume["fairness"])
-        ctx["class_loss"] = resume["class_loss"].to(device)
-        state = {k: resume[k] for k in state}
-        restore_rng(resume["rng"], data_gen, meta_gen)
-        truncate_log(out_dir / "log.jsonl", state["step"])
-    elif args.init_ckpt:   # epoch 0 = the starting model
-        state["results"]["initial"] = fairness_metrics(model, test_x, test_y, pgd_steps, args.eps, C, args)
-        append_jsonl(out_dir / "log.jsonl", {"epoch": 0, "step": 0, **flat("test", state["results"]["initial"])})
-    t_start = time.time() - state["time_s"]
-
-    for epoch in range(state["epoch"], args.epochs):
-        t_epoch, rec = time.time(), {"epoch": epoch + 1}
-        if use:   # Eq. (19) via FRL: multipliers from PGD errors on the clean validation (= meta) split, per epoch
-            val = fairness_metrics(model, sc["meta_x"], sc["meta_y"], [args.val_attack_steps], args.eps, C, args)
-            fair.update(val["nat_err"], val[f"pgd{args.val_attack_steps}/rob_err"], epoch, use)
-            rec.update({"val/nat_err_avg": val["nat_err_avg"],
-                        "val/rob_err_avg": val[f"pgd{args.val_attack_steps}/rob_err_avg"]})
-        rob_w = fair.class_weight("rob").to(device)
-        ctx.update(w_nat=rob_w if "rob" in use else fair.class_weight("nat").to(device),
-                   w_bdy=rob_w if "rob" in use else fair.class_weight("bdy").to(device),
-                   eps_cls=fair.class_eps(args.eps).to(device))
-        acc = {k: torch.zeros(C, device=device) for k in ("n", "adv", "alpha", "eps")}
-        acc.update({k: torch.zeros(2, device=device)   # index 0 = clean label, 1 = noisy label
-                    for k in ("n_split", "adv_split", "alpha_split", "eps_adv_split", "eps_anti_split")})
-        loss_sum, n_steps, t_steps = torch.zeros((), device=device), 0, 0.0
-        # iterate over indices (as "labels") so that each batch knows its samples' labels and noisy flags
-        for x, idx in iterate_batches(sc["train_x"], train_index, args.batch_size, data_gen, augment=data["augment"]):
-            y = sc["train_y"][idx]
-            meta_batch = None
-            if learns_direction(args):   # Alg. 1, line 3: m clean meta samples, no augmentation
-                mi = torch.randint(0, len(sc["meta_y"]), (args.meta_batch_size,), generator=meta_gen).to(device)
-                meta_batch = (to_float(sc["meta_x"][mi]), sc["meta_y"][mi])
-            t0 = time.time()
-            s = train_step(model, wnet, opt, wopt, x, y, meta_batch, ctx, args)
-            sched.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()   # honest per-iteration timing (time/step_s, the cost comparison)
-            t_steps += time.time() - t0
-            accumulate(acc, y, sc["noisy"][idx], s["alpha"], s["eps"])
-            loss_sum += s["loss"]
-            n_steps += 1
-            state["step"] += 1
-            if args.interrupt_at_step and state["step"] == args.interrupt_at_step:
-                print(f"--interrupt-at-step {args.interrupt_at_step}: simulated crash", flush=True)
-                sys.exit(3)
-            if args.max_steps and state["step"] >= args.max_steps:
-                break
-        rec.update({"step": state["step"], "lr": opt.param_groups[0]["lr"],
-                    "train/loss": loss_sum.item() / max(n_steps, 1),
-                    **direction_stats(acc, C), "frl/w_nat": ctx["w_nat"].tolist(), "frl/w_bdy": ctx["w_bdy"].tolist(),
-                    "frl/eps_class": (255 * ctx["eps_cls"]).tolist(), "time/step_s": t_steps / max(n_steps, 1)})
-        last = epoch + 1 == args.epochs or bool(args.max_steps and state["step"] >= args.max_steps)
-        if (epoch + 1) % args.eval_every == 0 or last:
-            state["results"]["final"] = fairness_metrics(model, test_x, test_y, pgd_steps, args.eps, C, args)
-            rec.update(flat("test", state["results"]["final"]))
-            k = f"test/pgd{pgd_steps[0]}"
-            print(f"epoch {epoch + 1}/{args.epochs} | lr {rec['lr']:.4f} | loss {rec['train/loss']:.3f} | adv ratio "
-                  f"{rec['caat/adv_ratio']:.2f} | nat err {rec['test/nat_err_avg']:.3f}/"
-                  f"{rec['test/nat_err_worst']:.3f} "
-                  f"| rob err {rec[k + '/rob_err_avg']:.3f}/{rec[k + '/rob_err_worst']:.3f} | "
-                  f"{time.time() - t_epoch:.1f}s", flush=True)
-        rec["time/epoch_s"] = time.time() - t_epoch
-        append_jsonl(out_dir / "log.jsonl", rec)
-        state.update(epoch=args.epochs if last else epoch + 1, time_s=time.time() - t_start)
-        save_checkpoint(out_dir / "ckpt.pt", {
-            "format": 1, "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "wnet": wnet.state_dict(), "wnet_optimizer": wopt.state_dict(), "fairness": fair.state_dict(),
-            "class_loss": ctx["class_loss"].cpu(), "rng": capture_rng(data_gen, meta_gen), "args": vars(args),
-            **state, **model_meta(args, data)})
-        if last:
-            break
-
-    wall = time.time() - t_start
-    save_checkpoint(out_dir / "model.pt", {"format": 1, "model": model.state_dict(), "args": vars(args),
-                                           **model_meta(args, data)})
-    results = {k: {m: plain(v) for m, v in r.items()} for k, r in state["results"].items()}
-    results.update({"method": args.method, "setting": args.setting, "scenario": args.scenario, "steps": state["step"],
-                    "time/total_s": wall, "eval_examples": len(test_y)})
-    write_json(out_dir / "results.json", results)
-    print(f"done in {wall:.1f}s: {out_dir / 'results.json'}", flush=True)
-    return results
+    return model, opt, sched, total
 
 
-def check_args(args):
-    """Clear errors for bad flag values (argparse handles the choices)."""
-    if not args.meta_per_class:
-        args.meta_per_class = 5 if args.dataset == "fake" else 300
-    for flag in ("batch_size", "eval_examples", "eval_every", "meta_per_class", "meta_batch_size", "hidden",
-                 "attack_steps", "val_attack_steps"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)!r}")
-    if not 0 < args.eps <= 1 or args.lam < 0 or args.tau <= 0:
-        raise ValueError(f"need 0 < --eps <= 1, --lam >= 0, --tau > 0; got {args.eps!r}, {args.lam!r}, {args.tau!r}")
-    if not 0 <= args.noise_rate <= 1:
-        raise ValueError(f"--noise-rate must lie in [0, 1], got {args.noise_rate!r}")
-    if args.imbalance < 1:
-        raise ValueError(f"--imbalance (IF = n_max / n_min) must be >= 1, got {args.imbalance!r}")
-    if not all(s.strip() in ("1", "2", "3", "4", "5", "6") for s in args.drop_characteristic.split(",") if s.strip()):
-        raise ValueError(f"--drop-characteristic takes indices 1..6 of {CHARACTERISTICS}, "
-                         f"got {args.drop_characteristic!r}")
-    if not all(s.strip().isdigit() and int(s) > 0 for s in args.eval_pgd_steps.split(",")):
-        raise ValueError(f"--eval-pgd-steps must be a comma list of positive ints, got {args.eval_pgd_steps!r}")
-    if args.method != "meta-caat" and (args.setting != "IV" or args.drop_characteristic):
-        raise ValueError(f"--setting/--drop-characteristic are Meta-CAAT ablations; --method is {args.method!r}")
-    if args.attacks not in ("", "linf"):
-        raise ValueError(f"caat_meta.py trains and evaluates with l_inf PGD only; drop --attacks {args.attacks!r}")
-    if args.amp:
-        raise ValueError("--amp is not supported by caat_meta.py (the second-order meta step runs in fp32)")
+def new_state():
+    return {"epoch": 0, "step": 0, "results": {}, "time_s": 0.0}
+
+
+def restore_run(resume, nets, fair, ctx, state, out_dir, *generators):
+    """--resume: networks, optimisers, multipliers, the zeta_6 EMA, counters and RNGs exactly as saved."""
+    for k, obj in nets.items():
+        obj.load_state_dict(resume[k])
+    fair.load_state_dict(resume["fairness"])
+    ctx["class_loss"] = resume["class_loss"].to(ctx["class_loss"].device)
+    state.update({k: resume[k] for k in state})
+    restore_rng(resume["rng"], *generators)
+    truncate_log(out_dir / "log.jsonl", state["step"])
+
+
+def eval_metrics(model, data, args):
+    x, y = data["test_x"][: args.eval_examples], data["test_y"][: args.eval_examples]
+    return fairness_metrics(model, x, y, [int(s) for s in args.eval_pgd_steps.split(",")], args.eps,
+                            data["num_classes"], args)
+
+
+def evaluate_initial(model, data, state, args, out_dir):
+    """--init-ckpt: the starting model is epoch 0 of the log."""
+    state["results"]["initial"] = eval_metrics(model, data, args)
+    append_jsonl(out_dir / "log.jsonl", {"kind": "epoch", "epoch": 0, "step": 0,
+                                         **flat("test", state["results"]["initial"])})
+
+
+def num(v):
+    return "-" if v is None else f"{v:.2f}"
+
+
+def epoch_batches(sc, data, args, generator, state, stats, out_dir, total):
+    """One epoch of (x, y, noisy) training batches. After each one: step count, --log-every window record and
+    progress line, the testing aid --interrupt-at-step, and --max-steps."""
+    index = torch.arange(len(sc["train_y"]), device=sc["train_y"].device)
+    t_window, first = time.time(), state["step"]
+    for x, idx in iterate_batches(sc["train_x"], index, args.batch_size, generator, augment=data["augment"]):
+        yield x, sc["train_y"][idx], sc["noisy"][idx]
+        state["step"] += 1
+        if args.log_every and state["step"] % args.log_every == 0:
+            rec = stats.log(window=True)
+            append_jsonl(out_dir / "log.jsonl", {"kind": "window", "epoch": state["epoch"] + 1, "step": state["step"],
+                                                 **rec})
+            rate = (time.time() - t_window) / (state["step"] - first)
+            print(f"  step {state['step']}/{total} | {rate:.2f} s/step | ETA {(total - state['step']) * rate / 60:.1f}"
+                  f" min | loss {rec['train/loss']:.3f} | adv ratio {rec['caat/adv_ratio']:.2f} (clean "
+                  f"{num(rec['caat/adv_ratio_clean'])}, noisy {num(rec['caat/adv_ratio_noisy'])})", flush=True)
+        if args.interrupt_at_step and state["step"] == args.interrupt_at_step:
+            print(f"--interrupt-at-step {args.interrupt_at_step}: simulated crash", flush=True)
+            sys.exit(3)
+        if args.max_steps and state["step"] >= args.max_steps:
+            return
+
+
+def end_epoch(model, data, state, rec, epoch, t_epoch, t_start, args, out_dir, nets, fair, ctx, generators, summary):
+    """Evaluate (every --eval-every epochs and at the end), print, log, checkpoint. Returns True after the last."""
+    last = epoch + 1 == args.epochs or bool(args.max_steps and state["step"] >= args.max_steps)
+    rec = {"kind": "epoch", "epoch": epoch + 1, "step": state["step"], **rec}
+    if (epoch + 1) % args.eval_every == 0 or last:
+        state["results"]["final"] = eval_metrics(model, data, args)
+        rec.update(flat("test", state["results"]["final"]))
+        k = f"test/pgd{args.eval_pgd_steps.split(',')[0].strip()}"
+        print(f"epoch {epoch + 1}/{args.epochs} | lr {rec['lr']:.4f} | loss {rec['train/loss']:.3f} | {summary} | "
+              f"nat err {rec['test/nat_err_avg']:.3f}/{rec['test/nat_err_worst']:.3f} | rob err "
+              f"{rec[k + '/rob_err_avg']:.3f}/{rec[k + '/rob_err_worst']:.3f} | {time.time() - t_epoch:.1f}s",
+              flush=True)
+    rec["time/epoch_s"] = time.time() - t_epoch
+    append_jsonl(out_dir / "log.jsonl", rec)
+    state.update(epoch=args.epochs if last else epoch + 1, time_s=time.time() - t_start)
+    save_checkpoint(out_dir / "ckpt.pt", {
+        "format": 1, **{k: v.state_dict() for k, v in nets.items()}, "fairness": fair.state_dict(),
+        "class_loss": ctx["class_loss"].cpu(), "rng": capture_rng(*generators), "args": vars(args), **state,
+        **model_meta(args, data)})
+    return last
 
 
 def model_meta(args, data):
     return {"arch": "preact_resnet18", "width": args.width, "activation": args.activation,
             "num_classes": data["num_classes"], "dataset": args.dataset, "mean": list(data["mean"]),
-            "std": list(data["std"]), "method": args.method}
+            "std": list(data["std"]), "method": method_name(args)}
+
+
+def finish(model, data, state, args, out_dir, t_start):
+    """model.pt and results.json (the starting and the final model's class-wise metrics)."""
+    wall = time.time() - t_start
+    save_checkpoint(out_dir / "model.pt", {"format": 1, "model": model.state_dict(), "args": vars(args),
+                                           **model_meta(args, data)})
+    results = {k: {m: plain(v) for m, v in r.items()} for k, r in state["results"].items()}
+    results.update({"method": method_name(args), "scenario": args.scenario, "steps": state["step"],
+                    "time/total_s": wall, "eval_examples": min(args.eval_examples, len(data["test_y"]))})
+    write_json(out_dir / "results.json", results)
+    print(f"done in {wall:.1f}s: {out_dir / 'results.json'}", flush=True)
+    return results
+# ==== END SHARED: caat-run ====
 
 
 # ==== BEGIN SHARED: common-flags (canonical: cas.py; copies: caat_meta.py, caat_reinforce.py) ====

@@ -4,17 +4,16 @@ A strategy network f_Omega maps six training characteristics zeta (Eqs. 20-24) t
 bounds {-15..-3, +3..+15}/255 (sign = direction: + adversary, - anti-adversary; magnitude = l_inf bound). Every
 sample draws one strategy; the classifier takes one SGD step on the per-sample losses of Eq. (31) (adversary:
 CE + lam KL, TRADES; anti-adversary: CE(f(x_anti), y)), with FRL's class weights (Eq. 19). Every K classifier steps
-f_Omega takes one REINFORCE step (Eqs. 33-35) with reward +L0 for adversaries and -L1 for anti-adversaries; by
-default with a per-direction baseline, std normalisation and an entropy bonus (a deviation), or, with
---literal-reinforce, the paper's baseline-free Eq. (34) (an ablation: it collapses to "always adversarial, largest
-bound"). Comments "Eq. (k)" and "Alg. 2, line n" refer to the CAAT paper; open choices: README.md#caat_reinforcepy.
-Upstream code cited in comments: FRL (Xu et al. 2021) https://github.com/hannxu123/fair_robust, TRADES
-https://github.com/yaodongyu/TRADES, Meta-Weight-Net https://github.com/xjtushujun/meta-weight-net, LAS-AT
+f_Omega takes one REINFORCE step (Eqs. 33-35) on the strategies, and rewards (+L0 for adversaries, -L1 for
+anti-adversaries) of all K batches: plain gradient ascent as Eq. (35) writes it, with an action-independent mean
+baseline (variance reduction only). Comments "Eq. (k)" and "Alg. 2, line n" refer to the CAAT paper; "README Dn" to
+the numbered details there. Upstream code cited in comments: FRL (Xu et al. 2021)
+https://github.com/hannxu123/fair_robust, TRADES https://github.com/yaodongyu/TRADES, LAS-AT
 https://github.com/jiaxiaojunQAQ/LAS-AT.
 
     python caat_reinforce.py --dataset cifar10                                                  # Alg. 2, scratch
     python caat_reinforce.py --dataset cifar10 --scenario noisy --noise pairflip --noise-rate 0.2
-    python caat_reinforce.py --dataset cifar10 --literal-reinforce                              # Eq. (34) ablation
+    python caat_reinforce.py --dataset cifar10 --baseline direction-mean                        # reshaped reward
     python caat_reinforce.py --dataset fake --device cpu --width 8 --epochs 1 --max-steps 2 --attack-steps 1 \
         --eval-examples 8                                                                       # smoke test
 
@@ -42,38 +41,208 @@ from attacks import ATTACKS
 SCRIPT = "caat_reinforce"
 BOUNDS_255 = tuple(range(3, 16))   # Sec. 4.4: "bound from 3 to 15" (/255), inclusive as in LAS-AT's README
 SIGNED_BOUNDS_255 = tuple(-b for b in reversed(BOUNDS_255)) + BOUNDS_255   # action k -> signed bound (26)
-FIRST_ADV = len(BOUNDS_255)   # actions < 13 are anti-adversaries (-15..-3), actions >= 13 adversaries (+3..+15)
-FRL_HALVE_EVERY = 40   # FRL halves its multiplier rate every 40 epochs (FRL's code)
-EVAL_STEP = 2 / 255    # test / validation PGD step (as FRL's code)
-ADV_STD_FLOOR = 1e-8   # advantage = (r - group mean) / (batch std + 1e-8) (advantages())
 
 
 def make_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_flags(parser)
-    parser.set_defaults(epochs=100, lr=0.1)   # default: from scratch, 100 epochs, lr 0.1 (x0.1 at 50%, 75%)
+    add_caat_flags(parser)
     g = parser.add_argument_group("Reinforce-CAAT (Alg. 2)")
+    g.add_argument("--reweight", default="nat-bdy", choices=("nat-bdy", "none"),
+                   help="FRL class weights on the natural and boundary terms (Eq. 19), or none")
+    g.add_argument("--lam", type=fraction, default=0.005, help="lambda of Eq. (30) (paper: 0.005 CIFAR-10, 0.1 SVHN)")
+    g.add_argument("--lam-reduction", type=str, default="mean", choices=("mean", "sum"),
+                   help="mean: lam per sample (literal); sum: the KL summed over the batch: lam x n per sample")
+    g.add_argument("--policy-interval", type=int, default=20, help="K of Alg. 2: classifier steps per Omega step")
+    g.add_argument("--policy-lr", type=float, default=0.1, help="eta_2 of Eq. (35): plain gradient ascent")
+    g.add_argument("--baseline", type=str, default="mean", choices=("mean", "none", "direction-mean"),
+                   help="subtracted from the rewards: their mean over the K batches (action-independent: same "
+                        "expected gradient), nothing (Eq. 34 as printed), or the mean of the sample's own direction "
+                        "group (action-dependent: a different objective)")
+    return parser
+
+
+def get_args(argv=None):
+    return parse_args(make_parser(), argv, check_args)
+
+
+def check_args(args):
+    """Reinforce-CAAT's flags (the shared CAAT flags are checked by check_caat_args)."""
+    check_caat_args(args, SCRIPT)
+    if args.policy_interval < 1 or args.policy_lr <= 0 or args.lam < 0:
+        raise ValueError(f"need --policy-interval >= 1, --policy-lr > 0, --lam >= 0; got {args.policy_interval}, "
+                         f"{args.policy_lr}, {args.lam}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sec. 4.4: the strategy network and its REINFORCE step (Eqs. 33-35)
+# ----------------------------------------------------------------------------------------------------------------
+
+class StrategyNet(nn.Module):
+    """f_Omega: zeta (B, 6) -> MLP with one hidden layer -> logits (B, 26) of p(s | zeta, Omega) over signed bounds."""
+
+    def __init__(self, hidden=100):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(len(CHARACTERISTICS), hidden), nn.ReLU(),
+                                 nn.Linear(hidden, len(SIGNED_BOUNDS_255)))
+        nn.init.zeros_(self.net[2].weight)   # uniform start over the 26 strategies (our choice)
+        nn.init.zeros_(self.net[2].bias)
+
+    def forward(self, zeta):
+        return self.net(zeta)
+
+
+def policy_step(policy, popt, zeta, actions, rewards, baseline):
+    """Eqs. (34)-(35) on the K buffered batches: Omega <- Omega + eta_2 grad (1/N) sum_i A_i log p(s_i | zeta_i).
+
+    rewards: (N,) = +L0 for adversaries, -L1 for anti-adversaries (actions >= 13), so with A = rewards the objective
+    is exactly Eq. (34). baseline "mean" subtracts the rewards' mean, which does not depend on the actions and so
+    leaves the expected gradient as it is; "direction-mean" subtracts the mean of each sample's direction group.
+    """
+    adv = actions >= len(BOUNDS_255)
+    if baseline == "mean":
+        # DEVIATION: variance reduction only -- the mean reward does not depend on the actions (README D22)
+        a = rewards - rewards.mean()
+    elif baseline == "direction-mean":
+        # DEVIATION (opt-in): an action-dependent baseline changes the objective (README D22)
+        advf = adv.to(rewards.dtype)
+        means = [(rewards * m).sum() / m.sum().clamp_min(1) for m in (advf, 1 - advf)]
+        a = rewards - torch.where(adv, means[0], means[1])
+    else:
+        a = rewards
+    logp = F.log_softmax(policy(zeta), 1).gather(1, actions[:, None]).squeeze(1)
+    objective = (a * logp).mean()                                       # Eq. (34)
+    popt.zero_grad(set_to_none=True)
+    (-objective).backward()
+    popt.step()                                                         # Eq. (35): plain SGD on -objective = ascent
+    return objective.detach()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One iteration of Algorithm 2 (lines 3-5): characteristics, strategies, perturbations, classifier step (Eq. 31)
+# ----------------------------------------------------------------------------------------------------------------
+
+def perturb(model, x, y, logits_clean, eps, adv, steps, seed):
+    """Alg. 2, line 4 (with Alg. 1, lines 5, 7-10): one perturbation per sample from x + 0.001 N(0, I), K sign steps
+    of eps_i/4 inside the sample's own l_inf ball: ascend KL(f(x) || f(x_adv)) (adv) or descend CE(f(x_anti), y)."""
+    p_clean = F.softmax(logits_clean.detach(), 1)
+
+    def objective(logits, y):   # (B,): the adversary's or the anti-adversary's loss, per sample
+        kl = F.kl_div(F.log_softmax(logits, 1), p_clean, reduction="none").sum(1)
+        return torch.where(adv, kl, F.cross_entropy(logits, y, reduction="none"))
+
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    return ATTACKS["linf"](model, x, y, eps=eps, steps=steps, step_size=eps / 4, init="trades",
+                           direction=adv.float() * 2 - 1, loss_fn=objective, generator=gen)
+
+
+def train_step(model, policy, opt, x, y, ctx, args):
+    """Alg. 2, lines 3-5. Returns zeta, actions, rewards (for the Omega step) and logging tensors (no host sync)."""
+    model.eval()   # characteristics and attacks in eval mode (README D3)
+    with torch.no_grad():   # Sec. 4.2: characteristics on the clean x, then the zeta_6 EMA update
+        logits_clean = model(x)
+        raw = raw_characteristics(logits_clean, y, ctx["class_counts"], ctx["class_loss"])
+        zeta = scale_characteristics(raw, len(ctx["class_counts"]))
+        ctx["class_loss"] = update_class_loss(ctx["class_loss"], raw[:, 0], y)
+        actions = torch.multinomial(F.softmax(policy(zeta), 1), 1).squeeze(1)   # Alg. 2, line 4: s_i ~ p(s | zeta_i)
+    signed = ctx["signed_bounds"][actions]                                  # (B,) in /255
+    adv, eps = signed > 0, signed.abs() / 255
+    x_tilde = perturb(model, x, y, logits_clean, eps, adv, args.attack_steps, int(torch.randint(0, 2 ** 62, (1,))))
+    model.train()
+    logits, logits_tilde = model(x), model(x_tilde)
+    ce = F.cross_entropy(logits, y, reduction="none")
+    kl = F.kl_div(F.log_softmax(logits_tilde, 1), F.softmax(logits, 1), reduction="none").sum(1)   # TRADES
+    anti = F.cross_entropy(logits_tilde, y, reduction="none")
+    lam = args.lam * len(y) if args.lam_reduction == "sum" else args.lam   # "sum": lam on a batch-summed KL
+    advf, w_nat, w_bdy = adv.float(), ctx["w_nat"][y], ctx["w_bdy"][y]
+    # Eq. (31) with FRL's class weights: adversaries CE + lam KL, anti-adversaries CE(f(x_anti), y);
+    # uniform weights give (1/n) sum_i l(f(x_tilde_i), y_i)
+    loss = ((advf * w_nat * ce).sum() / w_nat.sum() + lam * (advf * w_bdy * kl).sum() / w_bdy.sum()
+            + ((1 - advf) * w_nat * anti).sum() / w_nat.sum())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()                                                              # Alg. 2, line 5
+    rewards = torch.where(adv, ce + lam * kl, -anti).detach()              # +L0 / -L1 of Eq. (34), before the step
+    return {"zeta": zeta, "actions": actions, "rewards": rewards, "adv": advf, "eps": eps, "loss": loss.detach(),
+            "margin": raw[:, 1]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main: run setup -> classifier, f_Omega -> epochs [FRL multipliers, Alg. 2 per batch, evaluate, log, ckpt] -> results
+# ----------------------------------------------------------------------------------------------------------------
+
+def main(args):
+    args, resume, device, out_dir, data, sc = start_run(args, SCRIPT, "policy")
+    C = data["num_classes"]
+    model, opt, sched, total = make_classifier(args, data, device, len(sc["train_y"]))
+    policy = StrategyNet(args.hidden).to(device)                            # Alg. 2, line 1
+    popt = torch.optim.SGD(policy.parameters(), lr=args.policy_lr)         # Eq. (35): plain gradient ascent
+    fair = Fairness(C, args)
+    uses = ("nat", "bdy") if args.reweight == "nat-bdy" else ()
+    data_gen = torch.Generator().manual_seed(args.seed)        # shuffling + augmentation
+    ctx = {"class_counts": sc["class_counts"], "class_loss": torch.full((C,), math.log(C), device=device),
+           "signed_bounds": torch.tensor(SIGNED_BOUNDS_255, dtype=torch.float32, device=device)}
+    state = {**new_state(), "buffer": []}   # (zeta, action, reward) of the batches since the last Omega step
+    nets = {"model": model, "optimizer": opt, "scheduler": sched, "policy": policy, "policy_optimizer": popt}
+    if resume is not None:
+        restore_run(resume, nets, fair, ctx, state, out_dir, data_gen)
+        state["buffer"] = [[t.to(device) for t in b] for b in state["buffer"]]
+    elif args.init_ckpt:
+        evaluate_initial(model, data, state, args, out_dir)
+    t_start = time.time() - state["time_s"]
+
+    for epoch in range(state["epoch"], args.epochs):
+        t_epoch = time.time()
+        rec = update_fairness(fair, uses, model, sc, epoch, args)   # Eq. (19) via FRL, once per epoch
+        ctx.update(w_nat=fair.class_weight("nat").to(device), w_bdy=fair.class_weight("bdy").to(device))
+        stats, objectives = DirectionStats(C, device), []
+        for x, y, noisy in epoch_batches(sc, data, args, data_gen, state, stats, out_dir, total):   # Alg. 2, line 3
+            s = train_step(model, policy, opt, x, y, ctx, args)             # Alg. 2, lines 4-5
+            sched.step()
+            state["buffer"].append([s["zeta"], s["actions"], s["rewards"]])   # every batch's rewards (README D23)
+            if (state["step"] + 2) % args.policy_interval == 0:             # Alg. 2, line 6: (t + 1) % K, t 1-based
+                zeta, actions, rewards = (torch.cat(v) for v in zip(*state["buffer"]))
+                objectives.append(policy_step(policy, popt, zeta, actions, rewards, args.baseline))   # line 7
+                state["buffer"] = []
+            stats.add(y, noisy, s["adv"], s["eps"], s["margin"], s["loss"])
+        rec.update({"lr": opt.param_groups[0]["lr"], **stats.log(), "policy/updates": len(objectives),
+                    "policy/objective": torch.stack(objectives).mean().item() if objectives else None,
+                    "frl/w_nat": ctx["w_nat"].tolist(), "frl/w_bdy": ctx["w_bdy"].tolist()})
+        if end_epoch(model, data, state, rec, epoch, t_epoch, t_start, args, out_dir, nets, fair, ctx, (data_gen,),
+                     f"adv ratio {rec['caat/adv_ratio']:.2f} | mean bound {mean_bound(rec):.1f}/255"):
+            break
+    return finish(model, data, state, args, out_dir, t_start)
+
+
+def mean_bound(rec):
+    """Mean |bound| (/255) of the epoch's strategies, from the signed histogram of DirectionStats."""
+    hist, top = torch.tensor(rec["caat/bound_hist"], dtype=torch.float64), DirectionStats.MAX_BOUND
+    return (hist * torch.arange(-top, top + 1).abs()).sum().item() / max(hist.sum().item(), 1)
+
+
+def method_name(args):
+    return "reinforce-caat" + ("" if args.baseline == "mean" else f"/{args.baseline}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared by both CAAT scripts (byte-identical copies, tests/test_copies.py): flags, characteristics (Eqs. 20-24),
+# data scenarios, FRL's fairness multipliers (Eq. 19), class-wise metrics (Eqs. 45-48), the run scaffolding
+# ----------------------------------------------------------------------------------------------------------------
+
+# ==== BEGIN SHARED: caat-flags (canonical: caat_meta.py; copies: caat_reinforce.py) ====
+def add_caat_flags(parser):
+    """Data scenario, FRL multipliers (Eq. 19) and per-epoch metrics: the same flags and defaults in both scripts."""
+    parser.set_defaults(epochs=100, lr=0.1)   # default: from scratch, 100 epochs, lr 0.1 (x0.1 at 50%, 75%)
+    g = parser.add_argument_group("CAAT data scenario (Sec. 6.3, 6.4), fairness constraints (Eq. 19), metrics")
     g.add_argument("--scenario", type=str, default="standard", choices=("standard", "noisy", "longtail"))
     g.add_argument("--noise", type=str, default="uniform", choices=("uniform", "pairflip"), help="Sec. 6.3")
     g.add_argument("--noise-rate", type=float, default=0.2, help="r: fraction of training labels resampled")
     g.add_argument("--imbalance", type=float, default=10.0, help="IF of the long-tailed profile (Cui et al.)")
     g.add_argument("--meta-per-class", type=int, default=0,
-                   help="clean validation images per class for the FRL multipliers (0 = 300; 5 for --dataset fake)")
-    g.add_argument("--eps", type=fraction, default=8 / 255, help="test / validation PGD bound (Sec. 6.1)")
-    g.add_argument("--lam", type=fraction, default=0.005, help="lambda of Eq. (30) (paper: 0.005 CIFAR-10, 0.1 SVHN)")
-    g.add_argument("--lam-reduction", type=str, default="mean", choices=("mean", "sum"),
-                   help="mean: lam per sample (literal); sum: the KL summed over the batch, i.e. lam x n per sample")
-    g.add_argument("--hidden", type=int, default=100, help="hidden width of the strategy net f_Omega")
-    g.add_argument("--policy-interval", type=int, default=20, help="K of Alg. 2: classifier steps per Omega step")
-    g.add_argument("--policy-lr", type=float, default=1e-3, help="eta_2 of Eq. (35) (Adam)")
-    g.add_argument("--policy-weight-decay", type=float, default=1e-4)
-    g.add_argument("--policy-clip", type=float, default=1.0, help="gradient-norm clip of the Omega step")
-    g.add_argument("--entropy-coef", type=float, default=0.01, help="entropy bonus of the Omega step")
-    g.add_argument("--literal-reinforce", action=argparse.BooleanOptionalAction, default=False,
-                   help="Eq. (34) as printed: raw rewards, no baseline / normalisation / entropy (ablation)")
-    g.add_argument("--fairness", action=argparse.BooleanOptionalAction, default=True,
-                   help="FRL ReWeight constraints of Eq. (19) (class weights on the losses)")
+                   help="clean meta / validation images per class (0 = 300, FRL and CAAT; 5 for --dataset fake)")
+    g.add_argument("--eps", type=fraction, default=8 / 255, help="predefined bound epsilon and test PGD bound")
+    g.add_argument("--hidden", type=int, default=100, help="hidden width of the strategy network f_Omega")
     g.add_argument("--tau1", type=float, default=0.05, help="natural-error slack of Eq. (19)")
     g.add_argument("--tau2", type=float, default=0.05, help="boundary-error slack of Eq. (19)")
     g.add_argument("--frl-rate", type=float, default=0.05, help="multiplier step (boundary: 2x), halved every 40 ep.")
@@ -83,16 +252,28 @@ def make_parser():
                    help="lr x0.1 at 50%% and x0.01 at 75%% of the iterations, or constant (FRL's fine-tuning)")
     # DEVIATION: per-epoch test metrics with PGD-10 and PGD-20 (FRL's eval), not the paper's PGD-100 -- cost
     g.add_argument("--eval-pgd-steps", type=str, default="10,20", help="PGD steps of the per-epoch test metrics")
-    return parser
+    g.add_argument("--log-every", type=int, default=50,
+                   help="steps between progress lines and direction/bound records (kind 'window') in log.jsonl")
 
 
-def get_args(argv=None):
-    return parse_args(make_parser(), argv, check_args)
+def check_caat_args(args, script):
+    """Clear errors for bad values of the shared CAAT flags (argparse handles the choices)."""
+    if not args.meta_per_class:
+        args.meta_per_class = 5 if args.dataset == "fake" else 300
+    for flag, low in (("meta_per_class", 1), ("hidden", 1), ("val_attack_steps", 1), ("log_every", 0)):
+        if getattr(args, flag) < low:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= {low}")
+    if not 0 < args.eps <= 1 or not 0 <= args.noise_rate <= 1 or args.imbalance < 1:
+        raise ValueError(f"need 0 < --eps <= 1, 0 <= --noise-rate <= 1, --imbalance >= 1; got {args.eps!r}, "
+                         f"{args.noise_rate!r}, {args.imbalance!r}")
+    if not all(s.strip().isdigit() and int(s) > 0 for s in args.eval_pgd_steps.split(",")):
+        raise ValueError(f"--eval-pgd-steps must be a comma list of positive ints, got {args.eval_pgd_steps!r}")
+    if args.attacks not in ("", "linf"):
+        raise ValueError(f"{script}.py trains and evaluates with l_inf PGD only; drop --attacks {args.attacks!r}")
+    if args.amp:
+        raise ValueError(f"--amp is not supported by {script}.py (fp32 only)")
+# ==== END SHARED: caat-flags ====
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Sec. 4.2 and 4.3.1: characteristics and bound (shared with caat_meta.py; Reinforce-CAAT uses the former only)
-# ----------------------------------------------------------------------------------------------------------------
 
 # ==== BEGIN SHARED: caat-characteristics (canonical: caat_meta.py; copies: caat_reinforce.py) ====
 CHARACTERISTICS = ("loss", "margin", "grad_norm", "entropy", "class_prop", "class_loss")   # zeta_1..zeta_6
@@ -131,113 +312,6 @@ def update_class_loss(class_loss, losses, y, momentum=CLASS_LOSS_MOMENTUM):
     return torch.where(n > 0, momentum * class_loss + (1 - momentum) * total / n.clamp_min(1), class_loss)
 # ==== END SHARED: caat-characteristics ====
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Sec. 4.4: the strategy network and its REINFORCE step (Eqs. 33-35)
-# ----------------------------------------------------------------------------------------------------------------
-
-class StrategyNet(nn.Module):
-    """f_Omega: zeta (B, 6) -> MLP with one hidden layer -> logits (B, 26) of p(s | zeta, Omega) over signed bounds."""
-
-    def __init__(self, hidden=100):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(len(CHARACTERISTICS), hidden), nn.ReLU(),
-                                 nn.Linear(hidden, len(SIGNED_BOUNDS_255)))
-        nn.init.zeros_(self.net[2].weight)   # uniform start over the 26 strategies (our choice)
-        nn.init.zeros_(self.net[2].bias)
-
-    def forward(self, zeta):
-        return self.net(zeta)
-
-
-def sample_strategy(policy, zeta):
-    """Alg. 2, line 4: one strategy s_i ~ p(s | zeta_i, Omega) per sample (global torch RNG). -> actions (B,), probs."""
-    with torch.no_grad():
-        probs = F.softmax(policy(zeta), 1)                                  # (B, 26)
-    return torch.multinomial(probs, 1).squeeze(1), probs
-
-
-def advantages(rewards, adv):
-    """Advantage: reward minus the mean reward of its direction group, over the batch std of the rewards."""
-    advf = adv.to(rewards.dtype)
-    mean_adv = (rewards * advf).sum() / advf.sum().clamp_min(1)
-    mean_anti = (rewards * (1 - advf)).sum() / (1 - advf).sum().clamp_min(1)
-    return (rewards - torch.where(adv, mean_adv, mean_anti)) / (rewards.std(unbiased=False) + ADV_STD_FLOOR)
-
-
-def policy_step(policy, popt, zeta, actions, rewards, adv, literal, entropy_coef, clip):
-    """Eqs. (34)-(35): one gradient ASCENT step of Omega on (1/n) sum_i A_i log p(s_i | zeta_i) (+ entropy bonus).
-
-    rewards: (B,) = +L0 for adversaries, -L1 for anti-adversaries (detached). literal: A_i = rewards, exactly Eq. (34)
-    (every adversarial action is reinforced, every anti-adversarial one suppressed -> collapse: L0 >= 0 and -L1 <= 0).
-    """
-    logp_all = F.log_softmax(policy(zeta), 1)                                # (B, 26), recomputed with grad
-    logp = logp_all.gather(1, actions[:, None]).squeeze(1)
-    entropy = -(logp_all.exp() * logp_all).sum(1).mean()
-    if literal:
-        objective = (rewards * logp).mean()                                 # Eq. (34) as printed
-    else:
-        # DEVIATION: baseline + std normalisation + entropy bonus -- Eq. (34) has no baseline and collapses
-        objective = (advantages(rewards, adv) * logp).mean() + entropy_coef * entropy
-    popt.zero_grad(set_to_none=True)
-    (-objective).backward()                                                 # Eq. (35): Omega + eta_2 grad
-    torch.nn.utils.clip_grad_norm_(policy.parameters(), clip)
-    popt.step()
-    return {"objective": objective.detach(), "entropy": entropy.detach()}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# One iteration of Algorithm 2 (lines 3-5): characteristics, strategies, perturbations, classifier step (Eq. 31)
-# ----------------------------------------------------------------------------------------------------------------
-
-def perturb(model, x, y, logits_clean, eps, adv, steps, seed):
-    """Alg. 2, line 4 (with Alg. 1, lines 5, 7-10): one perturbation per sample from x + 0.001 N(0, I), K sign steps
-    of eps_i/4 inside the sample's own l_inf ball: ascend KL(f(x) || f(x_adv)) (adv) or descend CE(f(x_anti), y)."""
-    p_clean = F.softmax(logits_clean.detach(), 1)
-
-    def objective(logits, y):   # (B,): the adversary's or the anti-adversary's loss, per sample
-        kl = F.kl_div(F.log_softmax(logits, 1), p_clean, reduction="none").sum(1)
-        return torch.where(adv, kl, F.cross_entropy(logits, y, reduction="none"))
-
-    gen = torch.Generator(device=x.device).manual_seed(seed)
-    return ATTACKS["linf"](model, x, y, eps=eps, steps=steps, step_size=eps / 4, init="trades",
-                           direction=adv.float() * 2 - 1, loss_fn=objective, generator=gen)
-
-
-def train_step(model, policy, opt, x, y, ctx, args):
-    """Alg. 2, lines 3-5. Returns zeta, actions, rewards (for the Omega step) and logging tensors (no host sync)."""
-    model.eval()   # attacks are generated in eval mode (BN running stats frozen); README D3
-    with torch.no_grad():   # Sec. 4.2: characteristics on the clean x, then the zeta_6 EMA update
-        logits_clean = model(x)
-        raw = raw_characteristics(logits_clean, y, ctx["class_counts"], ctx["class_loss"])
-        zeta = scale_characteristics(raw, ctx["num_classes"])
-        ctx["class_loss"] = update_class_loss(ctx["class_loss"], raw[:, 0], y)
-    actions, probs = sample_strategy(policy, zeta)                          # Alg. 2, line 4
-    signed = ctx["signed_bounds"][actions]                                  # (B,) in /255
-    adv, eps = signed > 0, signed.abs() / 255
-    x_tilde = perturb(model, x, y, logits_clean, eps, adv, args.attack_steps, int(torch.randint(0, 2 ** 62, (1,))))
-    model.train()
-    logits, logits_tilde = model(x), model(x_tilde)
-    ce = F.cross_entropy(logits, y, reduction="none")
-    kl = F.kl_div(F.log_softmax(logits_tilde, 1), F.softmax(logits, 1), reduction="none").sum(1)   # TRADES
-    anti = F.cross_entropy(logits_tilde, y, reduction="none")
-    lam = args.lam * len(y) if args.lam_reduction == "sum" else args.lam   # "sum": lam on a batch-summed KL
-    advf, w_nat, w_bdy = adv.float(), ctx["w_nat"][y], ctx["w_bdy"][y]
-    # Eq. (31) with FRL's class weights: adversaries CE + lam KL, anti-adversaries CE(f(x_anti), y);
-    # uniform weights give (1/n) sum_i l(f(x_tilde_i), y_i)
-    loss = ((advf * w_nat * ce).sum() / w_nat.sum() + lam * (advf * w_bdy * kl).sum() / w_bdy.sum()
-            + ((1 - advf) * w_nat * anti).sum() / w_nat.sum())
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()                                                              # Alg. 2, line 5
-    rewards = torch.where(adv, ce + lam * kl, -anti).detach()              # +L0 / -L1 of Eq. (34), before the step
-    return {"zeta": zeta, "actions": actions, "rewards": rewards, "adv": adv, "eps": eps, "loss": loss.detach(),
-            "margin": raw[:, 1], "p_adv": probs[:, FIRST_ADV:].sum(1)}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data scenarios (SHARED with caat_meta.py) and FRL multipliers (a trimmed copy of caat_meta.py's: ReWeight only)
-# ----------------------------------------------------------------------------------------------------------------
 
 # ==== BEGIN SHARED: caat-scenarios (canonical: caat_meta.py; copies: caat_reinforce.py) ====
 def split_meta(y, per_class, num_classes):
@@ -300,21 +374,29 @@ def build_scenario(args, data):
 # ==== END SHARED: caat-scenarios ====
 
 
+# ==== BEGIN SHARED: caat-fairness (canonical: caat_meta.py; copies: caat_reinforce.py) ====
+FRL_HALVE_EVERY = 40   # FRL halves its multiplier rate every 40 epochs (FRL's code)
+
+
 class Fairness:
-    """FRL ReWeight multipliers phi_nat / phi_bdy (Eq. 19 "solved as Xu et al."; as FRL's code)."""
+    """FRL multipliers: phi_nat / phi_bdy (ReWeight), phi_rob (Baseline ReWeight), phi_m (ReMargin); as FRL's code."""
 
     def __init__(self, num_classes, args):
         self.C, self.args = num_classes, args
-        self.phi = {k: torch.zeros(num_classes) for k in ("nat", "bdy")}
+        self.phi = {k: torch.zeros(num_classes) for k in ("nat", "bdy", "rob", "m")}
 
-    def update(self, nat_err, rob_err, epoch):
+    def update(self, nat_err, rob_err, epoch, uses):
         """One projected multiplier-ascent step on the class violations measured on the validation split."""
         a, rate = self.args, self.args.frl_rate * 0.5 ** (epoch // FRL_HALVE_EVERY)
         bdy_err = rob_err - nat_err
-        viol = {"nat": nat_err - nat_err.mean() - a.tau1, "bdy": bdy_err - bdy_err.mean() - a.tau2}
-        for k, step in (("nat", rate), ("bdy", 2 * rate)):                  # boundary: twice the rate (FRL)
-            phi = (self.phi[k] + step * viol[k]).clamp_min(0)
-            self.phi[k] = phi * a.frl_limit / phi.sum() if phi.sum() > a.frl_limit else phi
+        viol = {"nat": nat_err - nat_err.mean() - a.tau1, "bdy": bdy_err - bdy_err.mean() - a.tau2,
+                "rob": rob_err - rob_err.mean() - a.tau1}
+        for k, step in (("nat", rate), ("bdy", 2 * rate), ("rob", rate)):   # boundary: twice the rate (FRL)
+            if k in uses:
+                phi = (self.phi[k] + step * viol[k]).clamp_min(0)
+                self.phi[k] = phi * a.frl_limit / phi.sum() if phi.sum() > a.frl_limit else phi
+        if "m" in uses:
+            self.phi["m"] = self.phi["m"] + a.remargin_rate * viol["bdy"]   # not clipped (FRL)
 
     def class_weight(self, k):
         """w(c) = 1/C + phi(c) - (1/C) sum_j phi(j) (FRL's cost-sensitive Lagrangian weights), (C,)."""
@@ -327,11 +409,20 @@ class Fairness:
         self.phi = {k: v.clone() for k, v in d.items()}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Metrics: class-wise natural / boundary / robust errors (Eqs. 45-47, as caat_meta.py) and the strategy statistics
-# ----------------------------------------------------------------------------------------------------------------
+def update_fairness(fair, uses, model, sc, epoch, args):
+    """Eq. (19) via FRL: class errors under PGD on the clean validation (= meta) split, then one multiplier step."""
+    if not uses:
+        return {}
+    val = fairness_metrics(model, sc["meta_x"], sc["meta_y"], [args.val_attack_steps], args.eps, fair.C, args)
+    fair.update(val["nat_err"], val[f"pgd{args.val_attack_steps}/rob_err"], epoch, uses)
+    return {"val/nat_err_avg": val["nat_err_avg"], "val/rob_err_avg": val[f"pgd{args.val_attack_steps}/rob_err_avg"]}
+# ==== END SHARED: caat-fairness ====
+
 
 # ==== BEGIN SHARED: caat-metrics (canonical: caat_meta.py; copies: caat_reinforce.py) ====
+EVAL_STEP = 2 / 255   # test / validation PGD step (as FRL's code)
+
+
 def class_error(correct, y, num_classes):
     """Per-class error (C,), NaN for classes absent from y."""
     n = torch.bincount(y, minlength=num_classes).float()
@@ -340,7 +431,11 @@ def class_error(correct, y, num_classes):
 
 
 def fairness_metrics(model, x_u8, y, steps_list, eps, num_classes, args):
-    """Average (mean over classes) and worst-class natural, boundary and robust error, PGD-k for k in steps_list."""
+    """Average (mean over classes) and worst-class natural, boundary and robust error, PGD-k for k in steps_list.
+
+    Robust error (Eq. 47) counts a sample wrong if ANY ||delta|| <= eps misleads the model, delta = 0 included: a
+    clean error is a robust error even where the PGD point happens to be classified right.
+    """
     fns = {f"pgd{k}": (lambda k: lambda m, xb, yb: ATTACKS["linf"](m, xb, yb, eps=eps, steps=k, step_size=EVAL_STEP,
                                                                    init="uniform"))(k) for k in steps_list}
     res = evaluate(model, x_u8, y, fns, args.batch_size, args.seed)
@@ -348,222 +443,210 @@ def fairness_metrics(model, x_u8, y, steps_list, eps, num_classes, args):
     ok = ~nat.isnan()
     out = {"nat_err": nat, "nat_err_avg": nat[ok].mean().item(), "nat_err_worst": nat[ok].max().item()}
     for name in fns:
-        rob = class_error(res["correct"][name], y, num_classes)
+        rob = class_error(res["correct"][name] & res["correct"]["clean"], y, num_classes)   # Eq. (47)
         out.update({f"{name}/rob_err": rob, f"{name}/rob_err_avg": rob[ok].mean().item(),
                     f"{name}/rob_err_worst": rob[ok].max().item(), f"{name}/bdy_err_avg": (rob - nat)[ok].mean().item(),
                     f"{name}/bdy_err_worst": (rob - nat)[ok].max().item()})
     return out
-# ==== END SHARED: caat-metrics ====
 
 
 def plain(v):
-    """JSON-safe value: tensors to lists, NaN (an empty class or bucket) to None."""
+    """JSON-safe value: tensors to (nested) lists, NaN (a class or bucket with no sample) to None."""
     if isinstance(v, torch.Tensor):
-        return [None if math.isnan(e) else e for e in v.tolist()]
-    return v
+        v = v.tolist()
+    if isinstance(v, list):
+        return [plain(e) for e in v]
+    return None if isinstance(v, float) and math.isnan(v) else v
 
 
-def new_stats(C, device):
-    z = lambda n: torch.zeros(n, device=device)   # noqa: E731
-    return {"n": z(C), "adv": z(C), "eps": z(C), "n_split": z(2), "adv_split": z(2), "hist": z(len(SIGNED_BOUNDS_255)),
-            "margin": z(len(SIGNED_BOUNDS_255)), "p_adv": z(1), "loss": z(1), "policy_obj": z(1), "policy_ent": z(1)}
+def flat(prefix, metrics):
+    return {f"{prefix}/{k}": plain(v) for k, v in metrics.items()}
+# ==== END SHARED: caat-metrics ====
 
 
-def accumulate(acc, y, noisy, s):
-    """Epoch sums on the device: per class, clean/noisy split (index 1 = noisy label), per signed-bound bucket."""
-    advf, ones = s["adv"].float(), torch.ones_like(s["eps"])
-    acc["n"].index_add_(0, y, ones)
-    acc["adv"].index_add_(0, y, advf)
-    acc["eps"].index_add_(0, y, s["eps"])
-    acc["n_split"].index_add_(0, noisy.long(), ones)
-    acc["adv_split"].index_add_(0, noisy.long(), advf)
-    acc["hist"].index_add_(0, s["actions"], ones)
-    acc["margin"].index_add_(0, s["actions"], s["margin"].float())          # Fig. 8(c): margin per bound bucket
-    acc["p_adv"] += s["p_adv"].mean()
-    acc["loss"] += s["loss"]
+# ==== BEGIN SHARED: caat-run (canonical: caat_meta.py; copies: caat_reinforce.py) ====
+class DirectionStats:
+    """Device-side sums over an epoch and over the current log window: per class, per clean / noisy training label
+    (Fig. 10), per signed bound bucket round(255 eps) * (+1 adversary, -1 anti-adversary) (Figs. 8c, 9, 13)."""
+    MAX_BOUND = 16   # buckets -16..16 (/255)
+
+    def __init__(self, num_classes, device):
+        self.C, self.device = num_classes, device
+        self.sums = [self.zeros(), self.zeros()]   # [epoch, current window]
+
+    def zeros(self):
+        z = lambda *shape: torch.zeros(*shape, device=self.device)   # noqa: E731
+        return {"cls": z(4, self.C), "split": z(5, 2), "bucket": z(2, 2 * self.MAX_BOUND + 1), "loss": z(()),
+                "steps": 0, "t0": time.time()}
+
+    def add(self, y, noisy, alpha, eps, margin, loss):
+        """alpha: (B,) adversary weight (> 0.5 counts as adversary); eps: (B,) bounds; margin: (B,) zeta_2."""
+        alpha, eps = alpha.float(), eps.float()
+        adv = (alpha > 0.5).float()
+        ones = torch.ones_like(adv)
+        k = (torch.round(255 * eps).clamp(max=self.MAX_BOUND) * (2 * adv - 1)).long() + self.MAX_BOUND
+        for s in self.sums:
+            s["cls"].index_add_(1, y, torch.stack([ones, adv, alpha, eps]))
+            s["split"].index_add_(1, noisy.long(), torch.stack([ones, adv, alpha, eps * adv, eps * (1 - adv)]))
+            s["bucket"].index_add_(1, k, torch.stack([ones, margin.float()]))
+            s["loss"] += loss
+            s["steps"] += 1
+
+    def log(self, window=False):
+        """The record of the epoch (or of the window, which then restarts); its .cpu() is the one host sync."""
+        s = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in self.sums[window].items()}
+        n, adv, alpha, eps = s["cls"]
+        steps = max(s["steps"], 1)
+        rec = {"train/loss": s["loss"].item() / steps, "time/step_s": (time.time() - s["t0"]) / steps,
+               "caat/adv_ratio": (adv.sum() / n.sum()).item(), "caat/alpha": (alpha.sum() / n.sum()).item()}
+        for j, part in enumerate(("clean", "noisy")):   # Fig. 10: anti-adversaries among noisy vs clean labels
+            n_j, adv_j, alpha_j, eps_adv, eps_anti = s["split"][:, j]
+            rec.update({f"caat/n_{part}": int(n_j), f"caat/adv_ratio_{part}": plain(adv_j / n_j),
+                        f"caat/alpha_{part}": plain(alpha_j / n_j),
+                        f"caat/bound_adv_{part}": plain(255 * eps_adv / adv_j),
+                        f"caat/bound_anti_{part}": plain(255 * eps_anti / (n_j - adv_j))})
+        if not window:
+            rec.update({"caat/adv_ratio_class": plain(adv / n), "caat/alpha_class": plain(alpha / n),
+                        "caat/bound_class": plain(255 * eps / n), "caat/bound_hist": s["bucket"][0].long().tolist(),
+                        "caat/margin_by_bound": plain(s["bucket"][1] / s["bucket"][0])})
+        if window:
+            self.sums[1] = self.zeros()
+        return rec
 
 
-def strategy_log(acc, n_steps, n_policy):
-    """Per-epoch strategy statistics (Figs. 8c, 9, 10, 13); bounds in /255, buckets ordered as SIGNED_BOUNDS_255."""
-    s = {k: v.cpu() for k, v in acc.items()}
-    hist = s["hist"]
-    rec = {"train/loss": s["loss"].item() / max(n_steps, 1), "caat/adv_ratio": (s["adv"].sum() / s["n"].sum()).item(),
-           "caat/adv_ratio_class": plain(s["adv"] / s["n"]), "caat/bound_class": plain(255 * s["eps"] / s["n"]),
-           "caat/bound_hist": hist.long().tolist(), "caat/margin_by_bound": plain(s["margin"] / hist),
-           "caat/mean_bound_adv": (hist[FIRST_ADV:] * torch.tensor(BOUNDS_255)).sum().item()
-           / max(hist[FIRST_ADV:].sum().item(), 1),
-           "policy/p_adv": s["p_adv"].item() / max(n_steps, 1), "policy/updates": n_policy}
-    for j, part in enumerate(("clean", "noisy")):
-        rec[f"caat/adv_ratio_{part}"] = (s["adv_split"][j] / s["n_split"][j].clamp_min(1)).item()
-        rec[f"caat/n_{part}"] = int(s["n_split"][j])
-    if n_policy:
-        rec.update({"policy/objective": s["policy_obj"].item() / n_policy,
-                    "policy/entropy": s["policy_ent"].item() / n_policy})
-    return rec
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# main: setup -> data scenario -> models -> (init / resume) -> epochs [FRL update, Alg. 2, eval, log, ckpt] -> results
-# ----------------------------------------------------------------------------------------------------------------
-
-def main(args):
-    resume = load_resume(args.resume, SCRIPT, "policy") if args.resume else None
+def start_run(args, script, key):
+    """Resume or validate, seed, device, data and scenario, then the run directory (nothing is written before)."""
+    resume = load_resume(args.resume, script, key) if args.resume else None
     if resume is not None:   # the run's settings from the checkpoint; device and testing aid from this command line
         args = argparse.Namespace(**{**resume["args"], "resume": args.resume, "device": args.device,
                                      "interrupt_at_step": args.interrupt_at_step})
     check_args(args)
     seed_everything(args.seed, args.deterministic)
     device = pick_device(args.device)
-    out_dir = make_run_dir(args, SCRIPT, resuming=resume is not None)
-    print(f"run directory: {out_dir}", flush=True)
     data = make_datasets(args, device)
-    C = data["num_classes"]
-    sc = build_scenario(args, data)
-    steps_per_epoch = math.ceil(len(sc["train_y"]) / args.batch_size)
-    pgd_steps = [int(s) for s in args.eval_pgd_steps.split(",")]
+    try:
+        sc = build_scenario(args, data)
+    except ValueError as e:
+        sys.exit(f"{script}.py: error: {e}")
+    out_dir = make_run_dir(args, script, resuming=resume is not None)
+    print(f"run directory: {out_dir}", flush=True)
     if resume is None:
         save_checkpoint(out_dir / "corruption.pt", {**sc["saved"], "noise": args.noise if args.scenario == "noisy"
                                                     else "", "seed": args.seed})
         write_json(out_dir / "args.json", {**vars(args), "derived": {
-            "steps_per_epoch": steps_per_epoch, "train_size": len(sc["train_y"]), "val_size": len(sc["meta_y"]),
-            "class_counts": sc["class_counts"].tolist(), "noise_realised": sc["noisy"].float().mean().item(),
-            "signed_bounds_255": list(SIGNED_BOUNDS_255),
-            "lam_per_sample": args.lam * args.batch_size if args.lam_reduction == "sum" else args.lam},
-            **run_info(device)})
+            "steps_per_epoch": math.ceil(len(sc["train_y"]) / args.batch_size), "train_size": len(sc["train_y"]),
+            "meta_size": len(sc["meta_y"]), "class_counts": sc["class_counts"].tolist(),
+            "noise_realised": sc["noisy"].float().mean().item()}, **run_info(device)})
+    return args, resume, device, out_dir, data, sc
 
-    model = build_model(C, data["mean"], data["std"], args.width, args.activation).to(device)
+
+def make_classifier(args, data, device, n_train):
+    """f_W (Alg. 1-2, line 1), its SGD optimiser and the per-iteration schedule; also the number of iterations."""
+    model = build_model(data["num_classes"], data["mean"], data["std"], args.width, args.activation).to(device)
     if args.init_ckpt:
         load_weights(model, args.init_ckpt)
-    policy = StrategyNet(args.hidden).to(device)                            # Alg. 2, line 1
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    # DEVIATION: eta_2 of Eq. (35) applied by Adam (+ grad-norm clip in policy_step) -- LAS-AT's policy optimiser option
-    popt = torch.optim.Adam(policy.parameters(), lr=args.policy_lr, weight_decay=args.policy_weight_decay)
-    total = max(args.epochs * steps_per_epoch, 1)   # piecewise: x0.1 at 50% and x0.01 at 75% of the iterations
+    total = max(args.epochs * math.ceil(n_train / args.batch_size), 1)   # piecewise: x0.1 at 50%, x0.01 at 75%
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if args.schedule == "constant" or s < 0.5 * total
                                               else (0.1 if s < 0.75 * total else 0.01))
-    fair = Fairness(C, args)
-    data_gen = torch.Generator().manual_seed(args.seed)        # shuffling + augmentation
-    ctx = {"class_counts": sc["class_counts"], "class_loss": torch.full((C,), math.log(C), device=device),
-           "num_classes": C, "signed_bounds": torch.tensor(SIGNED_BOUNDS_255, dtype=torch.float32, device=device)}
-    test_x, test_y = data["test_x"][: args.eval_examples], data["test_y"][: args.eval_examples]
-    train_index = torch.arange(len(sc["train_y"]), device=device)
-
-    state = {"epoch": 0, "step": 0, "results": {}, "time_s": 0.0}
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
-        policy.load_state_dict(resume["policy"])
-        popt.load_state_dict(resume["policy_optimizer"])
-        fair.load_state_dict(resume["fairness"])
-        ctx["class_loss"] = resume["class_loss"].to(device)
-        state = {k: resume[k] for k in state}
-        restore_rng(resume["rng"], data_gen)
-        truncate_log(out_dir / "log.jsonl", state["step"])
-    elif args.init_ckpt:   # epoch 0 = the starting model
-        state["results"]["initial"] = fairness_metrics(model, test_x, test_y, pgd_steps, args.eps, C, args)
-        append_jsonl(out_dir / "log.jsonl", {"epoch": 0, "step": 0, **{f"test/{k}": plain(v) for k, v in
-                                                                       state["results"]["initial"].items()}})
-    t_start = time.time() - state["time_s"]
-
-    for epoch in range(state["epoch"], args.epochs):
-        t_epoch, rec = time.time(), {"epoch": epoch + 1}
-        if args.fairness:   # Eq. (19) via FRL: multipliers from PGD errors on the clean validation split, per epoch
-            val = fairness_metrics(model, sc["meta_x"], sc["meta_y"], [args.val_attack_steps], args.eps, C, args)
-            fair.update(val["nat_err"], val[f"pgd{args.val_attack_steps}/rob_err"], epoch)
-            rec.update({"val/nat_err_avg": val["nat_err_avg"],
-                        "val/rob_err_avg": val[f"pgd{args.val_attack_steps}/rob_err_avg"]})
-        ctx.update(w_nat=fair.class_weight("nat").to(device), w_bdy=fair.class_weight("bdy").to(device))
-        acc, n_steps, n_policy, t_steps = new_stats(C, device), 0, 0, 0.0
-        # iterate over indices (as "labels") so that each batch knows its samples' labels and noisy flags
-        for x, idx in iterate_batches(sc["train_x"], train_index, args.batch_size, data_gen, augment=data["augment"]):
-            y = sc["train_y"][idx]                                          # Alg. 2, line 3
-            t0 = time.time()
-            s = train_step(model, policy, opt, x, y, ctx, args)            # Alg. 2, lines 4-5
-            sched.step()
-            t = state["step"] + 1                                           # this iteration's t (1-based)
-            if (t + 1) % args.policy_interval == 0:                         # Alg. 2, lines 6-7: Eq. (35)
-                p = policy_step(policy, popt, s["zeta"], s["actions"], s["rewards"], s["adv"],
-                                args.literal_reinforce, args.entropy_coef, args.policy_clip)
-                acc["policy_obj"] += p["objective"]
-                acc["policy_ent"] += p["entropy"]
-                n_policy += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize()   # honest per-iteration timing
-            t_steps += time.time() - t0
-            accumulate(acc, y, sc["noisy"][idx], s)
-            n_steps += 1
-            state["step"] += 1
-            if args.interrupt_at_step and state["step"] == args.interrupt_at_step:
-                print(f"--interrupt-at-step {args.interrupt_at_step}: simulated crash", flush=True)
-                sys.exit(3)
-            if args.max_steps and state["step"] >= args.max_steps:
-                break
-        rec.update({"step": state["step"], "lr": opt.param_groups[0]["lr"], **strategy_log(acc, n_steps, n_policy),
-                    "frl/w_nat": ctx["w_nat"].tolist(), "frl/w_bdy": ctx["w_bdy"].tolist(),
-                    "time/step_s": t_steps / max(n_steps, 1)})
-        last = epoch + 1 == args.epochs or bool(args.max_steps and state["step"] >= args.max_steps)
-        if (epoch + 1) % args.eval_every == 0 or last:
-            state["results"]["final"] = fairness_metrics(model, test_x, test_y, pgd_steps, args.eps, C, args)
-            rec.update({f"test/{k}": plain(v) for k, v in state["results"]["final"].items()})
-            k = f"test/pgd{pgd_steps[0]}"
-            print(f"epoch {epoch + 1}/{args.epochs} | lr {rec['lr']:.4f} | loss {rec['train/loss']:.3f} | adv ratio "
-                  f"{rec['caat/adv_ratio']:.2f} | mean adv bound {rec['caat/mean_bound_adv']:.1f}/255 | nat err "
-                  f"{rec['test/nat_err_avg']:.3f}/{rec['test/nat_err_worst']:.3f} | rob err "
-                  f"{rec[k + '/rob_err_avg']:.3f}/{rec[k + '/rob_err_worst']:.3f} | {time.time() - t_epoch:.1f}s",
-                  flush=True)
-        rec["time/epoch_s"] = time.time() - t_epoch
-        append_jsonl(out_dir / "log.jsonl", rec)
-        state.update(epoch=args.epochs if last else epoch + 1, time_s=time.time() - t_start)
-        save_checkpoint(out_dir / "ckpt.pt", {
-            "format": 1, "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "policy": policy.state_dict(), "policy_optimizer": popt.state_dict(), "fairness": fair.state_dict(),
-            "class_loss": ctx["class_loss"].cpu(), "rng": capture_rng(data_gen), "args": vars(args),
-            **state, **model_meta(args, data)})
-        if last:
-            break
-
-    wall = time.time() - t_start
-    save_checkpoint(out_dir / "model.pt", {"format": 1, "model": model.state_dict(), "args": vars(args),
-                                           **model_meta(args, data)})
-    results = {k: {m: plain(v) for m, v in r.items()} for k, r in state["results"].items()}
-    results.update({"method": "reinforce-caat-literal" if args.literal_reinforce else "reinforce-caat",
-                    "scenario": args.scenario, "steps": state["step"], "time/total_s": wall,
-                    "eval_examples": len(test_y)})
-    write_json(out_dir / "results.json", results)
-    print(f"done in {wall:.1f}s: {out_dir / 'results.json'}", flush=True)
-    return results
+    return model, opt, sched, total
 
 
-def check_args(args):
-    """Clear errors for bad flag values (argparse handles the choices)."""
-    if not args.meta_per_class:
-        args.meta_per_class = 5 if args.dataset == "fake" else 300
-    for flag in ("batch_size", "eval_examples", "eval_every", "meta_per_class", "hidden", "attack_steps",
-                 "val_attack_steps", "policy_interval"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)!r}")
-    if not 0 < args.eps <= 1 or args.lam < 0:
-        raise ValueError(f"need 0 < --eps <= 1 and --lam >= 0; got {args.eps!r}, {args.lam!r}")
-    if args.policy_lr <= 0 or args.policy_clip <= 0 or args.entropy_coef < 0:
-        raise ValueError(f"need --policy-lr > 0, --policy-clip > 0, --entropy-coef >= 0; got {args.policy_lr!r}, "
-                         f"{args.policy_clip!r}, {args.entropy_coef!r}")
-    if not 0 <= args.noise_rate <= 1:
-        raise ValueError(f"--noise-rate must lie in [0, 1], got {args.noise_rate!r}")
-    if args.imbalance < 1:
-        raise ValueError(f"--imbalance (IF = n_max / n_min) must be >= 1, got {args.imbalance!r}")
-    if not all(s.strip().isdigit() and int(s) > 0 for s in args.eval_pgd_steps.split(",")):
-        raise ValueError(f"--eval-pgd-steps must be a comma list of positive ints, got {args.eval_pgd_steps!r}")
-    if args.attacks not in ("", "linf"):
-        raise ValueError(f"caat_reinforce.py trains and evaluates with l_inf PGD only; drop --attacks {args.attacks!r}")
-    if args.amp:
-        raise ValueError("--amp is not supported by caat_reinforce.py (fp32 only)")
+def new_state():
+    return {"epoch": 0, "step": 0, "results": {}, "time_s": 0.0}
+
+
+def restore_run(resume, nets, fair, ctx, state, out_dir, *generators):
+    """--resume: networks, optimisers, multipliers, the zeta_6 EMA, counters and RNGs exactly as saved."""
+    for k, obj in nets.items():
+        obj.load_state_dict(resume[k])
+    fair.load_state_dict(resume["fairness"])
+    ctx["class_loss"] = resume["class_loss"].to(ctx["class_loss"].device)
+    state.update({k: resume[k] for k in state})
+    restore_rng(resume["rng"], *generators)
+    truncate_log(out_dir / "log.jsonl", state["step"])
+
+
+def eval_metrics(model, data, args):
+    x, y = data["test_x"][: args.eval_examples], data["test_y"][: args.eval_examples]
+    return fairness_metrics(model, x, y, [int(s) for s in args.eval_pgd_steps.split(",")], args.eps,
+                            data["num_classes"], args)
+
+
+def evaluate_initial(model, data, state, args, out_dir):
+    """--init-ckpt: the starting model is epoch 0 of the log."""
+    state["results"]["initial"] = eval_metrics(model, data, args)
+    append_jsonl(out_dir / "log.jsonl", {"kind": "epoch", "epoch": 0, "step": 0,
+                                         **flat("test", state["results"]["initial"])})
+
+
+def num(v):
+    return "-" if v is None else f"{v:.2f}"
+
+
+def epoch_batches(sc, data, args, generator, state, stats, out_dir, total):
+    """One epoch of (x, y, noisy) training batches. After each one: step count, --log-every window record and
+    progress line, the testing aid --interrupt-at-step, and --max-steps."""
+    index = torch.arange(len(sc["train_y"]), device=sc["train_y"].device)
+    t_window, first = time.time(), state["step"]
+    for x, idx in iterate_batches(sc["train_x"], index, args.batch_size, generator, augment=data["augment"]):
+        yield x, sc["train_y"][idx], sc["noisy"][idx]
+        state["step"] += 1
+        if args.log_every and state["step"] % args.log_every == 0:
+            rec = stats.log(window=True)
+            append_jsonl(out_dir / "log.jsonl", {"kind": "window", "epoch": state["epoch"] + 1, "step": state["step"],
+                                                 **rec})
+            rate = (time.time() - t_window) / (state["step"] - first)
+            print(f"  step {state['step']}/{total} | {rate:.2f} s/step | ETA {(total - state['step']) * rate / 60:.1f}"
+                  f" min | loss {rec['train/loss']:.3f} | adv ratio {rec['caat/adv_ratio']:.2f} (clean "
+                  f"{num(rec['caat/adv_ratio_clean'])}, noisy {num(rec['caat/adv_ratio_noisy'])})", flush=True)
+        if args.interrupt_at_step and state["step"] == args.interrupt_at_step:
+            print(f"--interrupt-at-step {args.interrupt_at_step}: simulated crash", flush=True)
+            sys.exit(3)
+        if args.max_steps and state["step"] >= args.max_steps:
+            return
+
+
+def end_epoch(model, data, state, rec, epoch, t_epoch, t_start, args, out_dir, nets, fair, ctx, generators, summary):
+    """Evaluate (every --eval-every epochs and at the end), print, log, checkpoint. Returns True after the last."""
+    last = epoch + 1 == args.epochs or bool(args.max_steps and state["step"] >= args.max_steps)
+    rec = {"kind": "epoch", "epoch": epoch + 1, "step": state["step"], **rec}
+    if (epoch + 1) % args.eval_every == 0 or last:
+        state["results"]["final"] = eval_metrics(model, data, args)
+        rec.update(flat("test", state["results"]["final"]))
+        k = f"test/pgd{args.eval_pgd_steps.split(',')[0].strip()}"
+        print(f"epoch {epoch + 1}/{args.epochs} | lr {rec['lr']:.4f} | loss {rec['train/loss']:.3f} | {summary} | "
+              f"nat err {rec['test/nat_err_avg']:.3f}/{rec['test/nat_err_worst']:.3f} | rob err "
+              f"{rec[k + '/rob_err_avg']:.3f}/{rec[k + '/rob_err_worst']:.3f} | {time.time() - t_epoch:.1f}s",
+              flush=True)
+    rec["time/epoch_s"] = time.time() - t_epoch
+    append_jsonl(out_dir / "log.jsonl", rec)
+    state.update(epoch=args.epochs if last else epoch + 1, time_s=time.time() - t_start)
+    save_checkpoint(out_dir / "ckpt.pt", {
+        "format": 1, **{k: v.state_dict() for k, v in nets.items()}, "fairness": fair.state_dict(),
+        "class_loss": ctx["class_loss"].cpu(), "rng": capture_rng(*generators), "args": vars(args), **state,
+        **model_meta(args, data)})
+    return last
 
 
 def model_meta(args, data):
     return {"arch": "preact_resnet18", "width": args.width, "activation": args.activation,
             "num_classes": data["num_classes"], "dataset": args.dataset, "mean": list(data["mean"]),
-            "std": list(data["std"]), "method": "reinforce-caat"}
+            "std": list(data["std"]), "method": method_name(args)}
+
+
+def finish(model, data, state, args, out_dir, t_start):
+    """model.pt and results.json (the starting and the final model's class-wise metrics)."""
+    wall = time.time() - t_start
+    save_checkpoint(out_dir / "model.pt", {"format": 1, "model": model.state_dict(), "args": vars(args),
+                                           **model_meta(args, data)})
+    results = {k: {m: plain(v) for m, v in r.items()} for k, r in state["results"].items()}
+    results.update({"method": method_name(args), "scenario": args.scenario, "steps": state["step"],
+                    "time/total_s": wall, "eval_examples": min(args.eval_examples, len(data["test_y"]))})
+    write_json(out_dir / "results.json", results)
+    print(f"done in {wall:.1f}s: {out_dir / 'results.json'}", flush=True)
+    return results
+# ==== END SHARED: caat-run ====
 
 
 # ==== BEGIN SHARED: common-flags (canonical: cas.py; copies: caat_meta.py, caat_reinforce.py) ====

@@ -1,5 +1,6 @@
-"""caat_meta.py: the meta step (Eqs. 27-28), the characteristics (Eqs. 20-24) and bound (Eq. 26) by hand, the data
-scenarios, every --method / ablation run as a user runs it, exact resume, and clear errors for bad inputs."""
+"""caat_meta.py: the meta step (Eqs. 27-28) and its gradient by hand, the characteristics (Eqs. 20-24), bound (Eq. 26)
+and robust error (Eq. 47) by hand, the data scenarios, every README preset run as a user runs it, exact resume, and
+clear errors for bad inputs."""
 
 import json
 import math
@@ -19,6 +20,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["--dataset", "fake", "--device", "cpu", "--width", "8", "--epochs", "1", "--max-steps", "2",
          "--attack-steps", "1", "--eval-examples", "8"]
 FAST = ["--batch-size", "32", "--meta-batch-size", "16", "--eval-pgd-steps", "1,2", "--val-attack-steps", "1"]
+ADV = ["--direction", "adversarial"]
+PRESETS = {   # the README's preset table: name -> flags (cm.method_name must give the name back)
+    "pgd-at": [*ADV, "--bound", "fixed", "--reweight", "none", "--loss", "ce"],
+    "trades": [*ADV, "--bound", "fixed", "--reweight", "none", "--lam", "6"],
+    "frl-reweight": [*ADV, "--bound", "fixed"], "frl-remargin": [*ADV, "--bound", "remargin", "--reweight", "nat"],
+    "frl-both": [*ADV, "--bound", "remargin"], "baseline-reweight": [*ADV, "--bound", "fixed", "--reweight", "rob"]}
+SETTINGS = {"I": [*ADV, "--bound", "fixed"], "II": ADV, "III": ["--bound", "fixed"], "IV": [],
+            "without": ["--direction", "head-tail", "--bound", "fixed"]}
 
 
 def run_script(*args, expect=0):
@@ -49,7 +58,8 @@ class TestMetaStep(unittest.TestCase):
         buffers0 = {k: v.clone() for k, v in model.named_buffers()}
         params0 = {k: v.detach().clone() for k, v in model.named_parameters()}
         w = torch.full((6,), 0.1)
-        loss = cm.meta_step(model, wnet, wopt, zeta, x, x_adv, x_anti, y, w, w, xm, ym, xm_adv, lr=0.1, lam=1.5)
+        loss = cm.meta_step(model, wnet, wopt, zeta, x, x_adv, x_anti, y, w, w, xm, ym, xm_adv, 0.1,
+                            cm.get_args(["--dataset", "fake"]))
         self.assertTrue(torch.isfinite(loss))
         self.assertTrue(any(not torch.equal(a, b) for a, b in zip(omega0, wnet.parameters())), "Omega unchanged")
         for k, v in model.named_buffers():
@@ -60,8 +70,42 @@ class TestMetaStep(unittest.TestCase):
         model(x)   # a real train-mode forward does move the running stats (the check above is not vacuous)
         self.assertFalse(torch.equal(model.bn.running_mean, buffers0["bn.running_mean"]))
 
+    def test_meta_gradient_matches_the_hand_formula(self):
+        """d L_meta / d b (last-layer bias, alpha logit) = sum_i (dL/dalpha_i - dL/dbeta_i) alpha_i beta_i / tau, where
+        dL/dalpha_i, dL/dbeta_i come from an independent look-ahead with alpha, beta as free leaf tensors."""
+        torch.manual_seed(1)
+        args = cm.get_args(["--dataset", "fake"])
+        model = cm.build_model(10, (0.5,) * 3, (0.25,) * 3, width=4).train()
+        wnet = cm.WeightingNet(hidden=16, tau=0.3, init_std=0.5)
+        x, y = torch.rand(5, 3, 32, 32), torch.randint(0, 10, (5,))
+        x_adv, x_anti = (x + 0.03 * torch.randn_like(x)).clamp(0, 1), (x - 0.03 * torch.randn_like(x)).clamp(0, 1)
+        xm, ym = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+        xm_adv = (xm + 0.03 * torch.randn_like(xm)).clamp(0, 1)
+        zeta, w_nat, w_bdy, lr = torch.randn(5, 6), torch.rand(5) + 0.5, torch.rand(5) + 0.5, 0.5
+        wopt = torch.optim.SGD(wnet.parameters(), lr=0.0)   # lr 0: meta_step leaves the gradient, Omega unchanged
+        cm.meta_step(model, wnet, wopt, zeta, x, x_adv, x_anti, y, w_nat, w_bdy, xm, ym, xm_adv, lr, args)
+        got = wnet.net[2].bias.grad[0]
+        with torch.no_grad():
+            w = wnet(zeta)
+        a, b = w[:, 0].clone().requires_grad_(True), w[:, 1].clone().requires_grad_(True)
+        params = dict(model.named_parameters())
+        buffers = {k: v.clone() for k, v in model.named_buffers()}
+        fwd = lambda p: lambda inp: torch.func.functional_call(model, (p, buffers), (inp,))   # noqa: E731
+        t = cm.per_sample_losses(fwd(params), x, x_adv, x_anti, y, "trades")
+        loss = ((a * w_nat * t["nat"]).sum() / w_nat.sum() + args.lam * (a * w_bdy * t["bdy"]).sum() / w_bdy.sum()
+                + (b * w_nat * t["anti"]).sum() / w_nat.sum())
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+        fast = {k: p - lr * g for (k, p), g in zip(params.items(), grads)}
+        buffers = {k: v.clone() for k, v in model.named_buffers()}
+        m = cm.per_sample_losses(fwd(fast), xm, xm_adv, None, ym, "trades")
+        da, db = torch.autograd.grad((m["nat"] + args.lam * m["bdy"]).mean(), [a, b])
+        want = ((da - db) * w[:, 0] * w[:, 1] / wnet.tau).sum()
+        self.assertGreater(abs(want.item()), 1e-6, "a vacuous check")
+        self.assertAlmostEqual(got.item(), want.item(), delta=1e-4 * abs(want.item()) + 1e-8)
+        self.assertAlmostEqual(wnet.net[2].bias.grad[1].item(), -want.item(), delta=1e-4 * abs(want.item()) + 1e-8)
+
     def test_weighting_net_tau_softmax(self):
-        wnet = cm.WeightingNet(hidden=8, tau=0.1)
+        wnet = cm.WeightingNet(hidden=8, tau=0.1, init_std=0.0)
         self.assertTrue(torch.allclose(wnet(torch.randn(5, 6)), torch.full((5, 2), 0.5)))
         with torch.no_grad():
             wnet.net[2].bias.copy_(torch.tensor([0.5, 0.0]))   # logit gap 0.5 / tau 0.1 -> alpha = sigmoid(5)
@@ -118,8 +162,24 @@ class TestCharacteristicsAndBound(unittest.TestCase):
         self.assertGreater(w[2].item(), w[0].item())
         # bdy errors 0.4, 0.3, 0.3 -> class 0 violates by 0.4 - 1/3 - 0.05; rate 2 x 0.05
         self.assertAlmostEqual(fair.phi["bdy"][0].item(), 0.1 * (0.4 - 1 / 3 - 0.05), places=6)
-        self.assertGreater(fair.class_eps(8 / 255)[0].item(), 8 / 255)
-        self.assertAlmostEqual(fair.class_eps(8 / 255)[1].item(), 0.98 * 8 / 255, places=7)
+        self.assertGreater(cm.remargin_eps(fair, 8 / 255)[0].item(), 8 / 255)
+        self.assertAlmostEqual(cm.remargin_eps(fair, 8 / 255)[1].item(), 0.98 * 8 / 255, places=7)
+
+    def test_robust_error_counts_clean_errors_eq_47(self):
+        """A model that is wrong on the clean (on-grid) images and right on every perturbed point: Eq. (47) counts the
+        clean error as a robust error (delta = 0 is in the ball), so robust error 1 and boundary error 0, not < 0."""
+        class GridModel(torch.nn.Module):   # class 0 on the uint8 grid, class 1 off it; zero input gradient
+            def forward(self, x):
+                off = ((x * 255 - (x * 255).round()).abs().flatten(1).amax(1) > 1e-3).float()
+                return torch.stack([1 - off, off], 1) * 10 + 0 * x.sum()
+
+        args = cm.get_args(["--dataset", "fake"])
+        x_u8, y = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8), torch.tensor([1, 1, 1, 0, 0, 0])
+        m = cm.fairness_metrics(GridModel(), x_u8, y, [1], 8 / 255, 2, args)
+        torch.testing.assert_close(m["nat_err"], torch.tensor([0.0, 1.0]))
+        torch.testing.assert_close(m["pgd1/rob_err"], torch.tensor([1.0, 1.0]))   # PGD alone would say [1, 0]
+        self.assertEqual(m["pgd1/bdy_err_worst"], 1.0)
+        self.assertGreaterEqual(min(m["pgd1/bdy_err_avg"], 0.0), 0.0)
 
 
 class TestScenarios(unittest.TestCase):
@@ -187,12 +247,12 @@ class TestEndToEnd(unittest.TestCase):
         for key in ("optimizer", "scheduler", "wnet", "wnet_optimizer", "fairness", "class_loss", "rng"):
             self.assertIn(key, ckpt)
 
-    def test_every_baseline_method(self):
-        """Each baseline as a user runs it (subprocess): adversaries only, the right FRL machinery active."""
-        for method in cm.METHODS[1:]:
+    def test_every_baseline_preset(self):
+        """Each README preset as a user runs it (subprocess): adversaries only, the right FRL machinery active."""
+        for method, flags in PRESETS.items():
             with self.subTest(method=method):
                 out = self.tmp / method
-                run_script(*SMOKE, *FAST, "--method", method, "--out-dir", out)
+                run_script(*SMOKE, *FAST, *flags, "--out-dir", out)
                 res = json.loads((out / "results.json").read_text())
                 self.assertEqual((res["method"], res["steps"]), (method, 2))
                 rec = read_log(out / "log.jsonl")[-1]
@@ -203,23 +263,24 @@ class TestEndToEnd(unittest.TestCase):
 
     def test_ablations_and_scenarios(self):
         """Sec. 6.5 settings, --drop-characteristic, ReMargin bound, noisy and long-tailed data (in-process)."""
-        runs = [["--setting", s] for s in ("I", "II", "III", "without")] + [
-            ["--drop-characteristic", "2,5", "--bound", "remargin", "--no-fairness"],
+        runs = [[s, *SETTINGS[s]] for s in ("I", "II", "III", "without")] + [
+            ["--drop-characteristic", "2,5", "--bound", "remargin", "--reweight", "none"],
             ["--scenario", "noisy", "--noise", "pairflip", "--noise-rate", "0.4"],
             ["--scenario", "longtail", "--imbalance", "2"]]
         for extra in runs:
             with self.subTest(extra=extra):
                 out = self.tmp / "_".join(extra).replace("-", "")
-                res = cm.main(cm.get_args([*SMOKE, *FAST, *extra, "--out-dir", str(out)]))
+                flags = extra[1:] if extra[0] in SETTINGS else extra
+                res = cm.main(cm.get_args([*SMOKE, *FAST, *flags, "--out-dir", str(out)]))
                 self.assertEqual(res["steps"], 2)
                 rec = read_log(out / "log.jsonl")[-1]
                 derived = json.loads((out / "args.json").read_text())["derived"]
                 counts = torch.tensor(derived["class_counts"])
-                if extra[1] in ("I", "II"):
+                if extra[0] in ("I", "II"):
                     self.assertEqual(rec["caat/adv_ratio"], 1.0)   # adversaries only
-                if extra[1] in ("I", "III"):
+                if extra[0] in ("I", "III"):
                     self.assertTrue(all(abs(b - 8) < 1e-4 for b in rec["caat/bound_class"] if b), rec["caat/bound_class"])
-                if extra[1] == "without":   # the larger half of the classes is head (anti), the rest tail (adv)
+                if extra[0] == "without":   # the larger half of the classes is head (anti), the rest tail (adv)
                     head = torch.sort(counts, descending=True, stable=True).indices[:5].tolist()
                     for c, r in enumerate(rec["caat/adv_ratio_class"]):
                         self.assertEqual(r, 0.0 if c in head else 1.0, (c, head))
@@ -258,14 +319,17 @@ class TestEndToEnd(unittest.TestCase):
 class TestBadInputs(unittest.TestCase):
     def test_clear_errors(self):
         cases = [(["--noise-rate", "1.5"], "--noise-rate"), (["--drop-characteristic", "7"], "--drop-characteristic"),
-                 (["--method", "trades", "--setting", "II"], "Meta-CAAT ablations"),
+                 ([*ADV, "--drop-characteristic", "2"], "--drop-characteristic"),
                  (["--eps", "0"], "--eps"), (["--imbalance", "0.5"], "--imbalance"),
                  (["--attacks", "fog"], "l_inf"), (["--eval-pgd-steps", "10,x"], "--eval-pgd-steps")]
         for argv, msg in cases:
             with self.subTest(argv=argv), self.assertRaisesRegex(ValueError, msg):
                 cm.check_args(cm.make_parser().parse_args(SMOKE + argv))
-        proc = run_script(*SMOKE, "--meta-per-class", "1000", "--out-dir", Path(tempfile.mkdtemp()) / "x", expect=1)
+        out = Path(tempfile.mkdtemp()) / "x"
+        proc = run_script(*SMOKE, "--meta-per-class", "1000", "--out-dir", out, expect=1)
         self.assertIn("--meta-per-class 1000", proc.stderr)
+        self.assertNotIn("Traceback", proc.stderr)
+        self.assertFalse(out.exists(), "a run that fails on its input must not leave a run directory")
         proc = run_script("--resume", "/nonexistent/ckpt.pt", expect=2)   # a user error: one line, exit 2
         self.assertIn("checkpoint not found", proc.stderr)
         self.assertNotIn("Traceback", proc.stderr)
