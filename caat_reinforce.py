@@ -419,34 +419,45 @@ def update_fairness(fair, uses, model, sc, epoch, args):
 # ==== END SHARED: caat-fairness ====
 
 
+# ==== BEGIN SHARED: caat-classwise (canonical: caat_meta.py; copies: caat_reinforce.py, eval.py) ====
+def classwise_errors(y, correct_clean, correct_adv, num_classes):
+    """CAAT Eqs. (45)-(48): per-class natural and robust error (C,) (NaN for classes absent from y), their average
+    and worst over the classes present, and the boundary error rob - nat (worst = the class-wise max, as CAAT's
+    tables and FRL's code: worst bdy != worst rob - worst nat).
+
+    Robust error (Eq. 47) counts a sample wrong if ANY ||delta|| <= eps misleads the model, delta = 0 included: a
+    clean error is a robust error even where the attack's point happens to be classified right.
+    """
+    y = y.long().cpu()
+    n = torch.bincount(y, minlength=num_classes).double()
+    nat_wrong = ~correct_clean.bool().cpu()
+    rob_wrong = nat_wrong | ~correct_adv.bool().cpu()   # Eq. (47)
+    nat, rob = (torch.where(n > 0, torch.bincount(y, weights=w.double(), minlength=num_classes) / n.clamp_min(1),
+                            torch.full_like(n, float("nan"))) for w in (nat_wrong, rob_wrong))
+    ok = n > 0
+    out = {"nat": nat, "rob": rob}
+    for k, v in (("nat", nat[ok]), ("bdy", (rob - nat)[ok]), ("rob", rob[ok])):   # Eqs. (45)-(48)
+        out.update({f"avg_{k}": v.mean().item(), f"worst_{k}": v.max().item()})
+    return out
+# ==== END SHARED: caat-classwise ====
+
+
 # ==== BEGIN SHARED: caat-metrics (canonical: caat_meta.py; copies: caat_reinforce.py) ====
 EVAL_STEP = 2 / 255   # test / validation PGD step (as FRL's code)
 
 
-def class_error(correct, y, num_classes):
-    """Per-class error (C,), NaN for classes absent from y."""
-    n = torch.bincount(y, minlength=num_classes).float()
-    hit = torch.zeros(num_classes, device=y.device).index_add_(0, y, correct.float())
-    return torch.where(n > 0, 1 - hit / n.clamp_min(1), torch.full_like(n, float("nan"))).cpu()
-
-
 def fairness_metrics(model, x_u8, y, steps_list, eps, num_classes, args):
-    """Average (mean over classes) and worst-class natural, boundary and robust error, PGD-k for k in steps_list.
-
-    Robust error (Eq. 47) counts a sample wrong if ANY ||delta|| <= eps misleads the model, delta = 0 included: a
-    clean error is a robust error even where the PGD point happens to be classified right.
-    """
+    """Average (mean over classes) and worst-class natural, boundary and robust error, PGD-k for k in steps_list."""
     fns = {f"pgd{k}": (lambda k: lambda m, xb, yb: ATTACKS["linf"](m, xb, yb, eps=eps, steps=k, step_size=EVAL_STEP,
                                                                    init="uniform"))(k) for k in steps_list}
     res = evaluate(model, x_u8, y, fns, args.batch_size, args.seed)
-    nat = class_error(res["correct"]["clean"], y, num_classes)
-    ok = ~nat.isnan()
-    out = {"nat_err": nat, "nat_err_avg": nat[ok].mean().item(), "nat_err_worst": nat[ok].max().item()}
+    out = {}
     for name in fns:
-        rob = class_error(res["correct"][name] & res["correct"]["clean"], y, num_classes)   # Eq. (47)
-        out.update({f"{name}/rob_err": rob, f"{name}/rob_err_avg": rob[ok].mean().item(),
-                    f"{name}/rob_err_worst": rob[ok].max().item(), f"{name}/bdy_err_avg": (rob - nat)[ok].mean().item(),
-                    f"{name}/bdy_err_worst": (rob - nat)[ok].max().item()})
+        e = classwise_errors(y, res["correct"]["clean"], res["correct"][name], num_classes)
+        out.update({"nat_err": e["nat"].float(), "nat_err_avg": e["avg_nat"], "nat_err_worst": e["worst_nat"],
+                    f"{name}/rob_err": e["rob"].float(), f"{name}/rob_err_avg": e["avg_rob"],
+                    f"{name}/rob_err_worst": e["worst_rob"], f"{name}/bdy_err_avg": e["avg_bdy"],
+                    f"{name}/bdy_err_worst": e["worst_bdy"]})
     return out
 
 

@@ -217,28 +217,35 @@ def sanity_check(name, x, x_adv, norm=None, eps=None, model=None):
     return {"max_pert": max_pert, "x_min": lo, "x_max": hi, "n_nan": n_bad}
 
 
+# ==== BEGIN SHARED: caat-classwise (canonical: caat_meta.py; copies: caat_reinforce.py, eval.py) ====
 def classwise_errors(y, correct_clean, correct_adv, num_classes):
-    """CAAT Eqs. (45)-(48): average and worst-class natural, boundary and robust errors (fractions).
+    """CAAT Eqs. (45)-(48): per-class natural and robust error (C,) (NaN for classes absent from y), their average
+    and worst over the classes present, and the boundary error rob - nat (worst = the class-wise max, as CAAT's
+    tables and FRL's code: worst bdy != worst rob - worst nat).
 
-    A clean error counts as a robust error (delta = 0 lies in the ball of Eq. 47), so per class robust >= natural
-    and the boundary error of class i is rob_i - nat_i (FRL's P(f(x) = y, f(x + delta) != y | y = i)). Average =
-    mean over the classes present in the subset; worst = max over them (worst boundary = max_i (rob_i - nat_i),
-    which is what CAAT Tables 1-2 report: e.g. PGD-AT 82.7 worst rob. - 33.8 worst nat. != 55.9 worst bdy.).
+    Robust error (Eq. 47) counts a sample wrong if ANY ||delta|| <= eps misleads the model, delta = 0 included: a
+    clean error is a robust error even where the attack's point happens to be classified right.
     """
     y = y.long().cpu()
+    n = torch.bincount(y, minlength=num_classes).double()
     nat_wrong = ~correct_clean.bool().cpu()
-    rob_wrong = nat_wrong | ~correct_adv.bool().cpu()
-    count = torch.bincount(y, minlength=num_classes).double()                                    # B_i, (C,)
-    present = count > 0
-    nat_c = torch.bincount(y, weights=nat_wrong.double(), minlength=num_classes) / count.clamp_min(1)   # (C,)
-    rob_c = torch.bincount(y, weights=rob_wrong.double(), minlength=num_classes) / count.clamp_min(1)   # (C,)
-    nat, rob = nat_c[present], rob_c[present]
-    bdy = rob - nat
-    per_class = lambda v: [round(float(a), 6) if p else None for a, p in zip(v, present)]
-    return {"avg_nat": float(nat.mean()), "worst_nat": float(nat.max()),                    # Eqs. (45), (46)
-            "avg_bdy": float(bdy.mean()), "worst_bdy": float(bdy.max()),
-            "avg_rob": float(rob.mean()), "worst_rob": float(rob.max()),                    # Eqs. (47), (48)
-            "classes": int(present.sum()), "nat_per_class": per_class(nat_c), "rob_per_class": per_class(rob_c)}
+    rob_wrong = nat_wrong | ~correct_adv.bool().cpu()   # Eq. (47)
+    nat, rob = (torch.where(n > 0, torch.bincount(y, weights=w.double(), minlength=num_classes) / n.clamp_min(1),
+                            torch.full_like(n, float("nan"))) for w in (nat_wrong, rob_wrong))
+    ok = n > 0
+    out = {"nat": nat, "rob": rob}
+    for k, v in (("nat", nat[ok]), ("bdy", (rob - nat)[ok]), ("rob", rob[ok])):   # Eqs. (45)-(48)
+        out.update({f"avg_{k}": v.mean().item(), f"worst_{k}": v.max().item()})
+    return out
+# ==== END SHARED: caat-classwise ====
+
+
+def classwise_json(y, correct_clean, correct_adv, num_classes):
+    """classwise_errors as eval.json stores it: fractions, per-class lists (null for a class absent from the subset)."""
+    e = classwise_errors(y, correct_clean, correct_adv, num_classes)
+    per_class = lambda v: [None if math.isnan(a) else round(a, 6) for a in v.tolist()]   # noqa: E731
+    return {**{k: v for k, v in e.items() if k not in ("nat", "rob")}, "classes": int((~e["nat"].isnan()).sum()),
+            "nat_per_class": per_class(e["nat"]), "rob_per_class": per_class(e["rob"])}
 
 
 def bits(correct):
@@ -265,13 +272,13 @@ def summarize(res, y, num_classes, scenario, lp_source):
             union &= unbits(entry["correct"])
     for group in ("pgd", "autoattack"):
         for entry in res[group].values():
-            entry["classwise"] = classwise_errors(y, clean, unbits(entry["correct"]), num_classes)
+            entry["classwise"] = classwise_json(y, clean, unbits(entry["correct"]), num_classes)
     nan_to_none = lambda v: None if isinstance(v, float) and math.isnan(v) else v
     res.update({k: nan_to_none(v) for k, v in agg.items()})
     res.update(avg_lp=nan_to_none(by_family["avg_lp"]), avg_semantic=nan_to_none(by_family["avg_semantic"]),
                avg_all=nan_to_none(agg["avg_robust"]), union_acc=union.float().mean().item(),
                weights=dict(zip(names, weights)), scenario=scenario, lp_source=lp_source)
-    res["clean_classwise"] = classwise_errors(y, clean, clean, num_classes)
+    res["clean_classwise"] = classwise_json(y, clean, clean, num_classes)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ BLOCKS = {   # block -> files holding an identical copy; the first is canonical.
     "cas-metrics": ["cas.py", "eval.py"],
     "caat-characteristics": ["caat_meta.py", "caat_reinforce.py"],
     "caat-scenarios": ["caat_meta.py", "caat_reinforce.py"],
-    "caat-metrics": ["caat_meta.py", "caat_reinforce.py"], "caat-flags": ["caat_meta.py", "caat_reinforce.py"],
+    "caat-metrics": ["caat_meta.py", "caat_reinforce.py"], "caat-classwise": ["caat_meta.py", "caat_reinforce.py", "eval.py"],
+    "caat-flags": ["caat_meta.py", "caat_reinforce.py"],
     "caat-fairness": ["caat_meta.py", "caat_reinforce.py"], "caat-run": ["caat_meta.py", "caat_reinforce.py"],
 }
 MARK = re.compile(r"^# ==== (BEGIN|END) SHARED: ([\w-]+)[^\n]*\n", re.M)

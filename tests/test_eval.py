@@ -197,7 +197,7 @@ class TestPieces(unittest.TestCase):
         y = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2, 2, 2])
         clean = torch.tensor([1, 1, 1, 0, 1, 0, 1, 1, 1, 1], dtype=torch.bool)
         adv = torch.tensor([1, 0, 0, 1, 1, 0, 0, 0, 1, 1], dtype=torch.bool)   # index 3: clean wrong, adv right
-        m = ev.classwise_errors(y, clean, adv, num_classes=4)
+        m = ev.classwise_json(y, clean, adv, num_classes=4)
         # per class: nat = (1/4, 1/2, 0); rob (clean wrong counts) = (3/4, 1/2, 2/4); bdy = (1/2, 0, 1/2)
         expected = {"avg_nat": (0.25 + 0.5 + 0) / 3, "worst_nat": 0.5, "avg_rob": (0.75 + 0.5 + 0.5) / 3,
                     "worst_rob": 0.75, "avg_bdy": (0.5 + 0 + 0.5) / 3, "worst_bdy": 0.5}
