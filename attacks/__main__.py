@@ -13,12 +13,13 @@ constant EPS_MEANING (else the "Latent"/"Constraint" line of the module docstrin
 --gallery writes one PNG (torchvision.utils.make_grid / save_image): row 0 the clean images, then one row per
 attack in registry order (the row order is printed). Images come from the CIFAR-10 test batch under --data-dir
 (a directory holding cifar-10-batches-py/, or that folder itself), else seeded smooth fake images. Every attack
-runs at its default (CIFAR-10 "medium") settings against the model: a tiny seeded random CNN defined here, or with
---ckpt a PreActResNet-18 rebuilt from a model.pt / ckpt.pt written by the training scripts (metadata "arch",
-"width", "num_classes", "mean", "std", "activation"; a plain state_dict needs --width etc. flags). The model is
-rebuilt by `load_model` below (attacks/ never imports the top-level scripts); its layer names are those of
-Rice et al. 2020 / E-AT, as in the scripts' shared model block. Labels: the true labels for real data, the model's
-clean predictions for fake data.
+runs at its default (CIFAR-10 "medium") settings against the model: a tiny seeded random CNN defined here (with a
+features() method, for ppgd), or with --ckpt a PreActResNet-18 rebuilt from a model.pt / ckpt.pt written by the
+training scripts (metadata "arch", "width", "num_classes", "mean", "std", "activation"; for a plain state_dict the
+width and classes are read from its shapes, --activation etc. flags override). The checkpoint and the CIFAR-10
+pickle are read by eval.py (`build_model_from_ckpt`, the shared data block's `read_split`), imported only for
+--ckpt / --data-dir: the attacks themselves never import the top-level scripts. Labels: the true labels for
+real data, the model's clean predictions for fake data.
 
 --time measures, on the same model and batch, the time per attack step relative to one linf step:
 (t(steps=k) - t(steps=0)) / k for each attack, divided by the same for linf (best of --repeats runs).
@@ -27,8 +28,8 @@ torchvision is imported only inside the gallery function (the attacks themselves
 """
 
 import argparse
+import importlib
 import inspect
-import pickle
 import sys
 import time
 from pathlib import Path
@@ -101,7 +102,7 @@ def print_table(rows, columns):
         print(" | ".join(str(r[c]).ljust(widths[c]) for c in columns))
 
 
-# ----------------------------------------------------------------------------------------------------- the models
+# ------------------------------------------------------------------------------------------- the model, the data
 class TinyCNN(nn.Module):
     """A small seeded random CNN (default gallery / timing model; no checkpoint needed)."""
 
@@ -112,79 +113,40 @@ class TinyCNN(nn.Module):
         self.conv3 = nn.Conv2d(32, 64, 3, stride=2, padding=1)
         self.linear = nn.Linear(64, num_classes)
 
-    def forward(self, x):
-        out = F.relu(self.conv3(F.relu(self.conv2(F.relu(self.conv1(x - 0.5))))))
-        return self.linear(out.mean((2, 3)))
-
-
-class _Block(nn.Module):
-    """PreAct basic block, Rice et al. names (bn1, conv1, bn2, conv2, shortcut.0); projection on the activated input."""
-
-    def __init__(self, cin, cout, stride, act):
-        super().__init__()
-        self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn2, self.conv2 = nn.BatchNorm2d(cout), nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.act = act
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False))
+    def features(self, x):
+        """The three ReLU maps (ppgd's "self" perceptual distance needs model.features)."""
+        out, feats = x - 0.5, []
+        for conv in (self.conv1, self.conv2, self.conv3):
+            out = F.relu(conv(out))
+            feats.append(out)
+        return feats
 
     def forward(self, x):
-        out = self.act(self.bn1(x))
-        skip = self.shortcut(out) if hasattr(self, "shortcut") else x
-        return self.conv2(self.act(self.bn2(self.conv1(out)))) + skip
+        return self.linear(self.features(x)[-1].mean((2, 3)))
 
 
-class _PreActResNet18(nn.Module):
-    """PreActResNet-18 with the state_dict layout of the training scripts' shared model block (loads model.pt)."""
-
-    def __init__(self, num_classes, mean, std, width, activation):
-        super().__init__()
-        act = nn.ReLU() if activation == "relu" else nn.Softplus(beta=1.0)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
-        cin = width
-        for i, stride in enumerate((1, 2, 2, 2)):
-            cout = width * 2 ** i
-            setattr(self, f"layer{i + 1}", nn.Sequential(_Block(cin, cout, stride, act), _Block(cout, cout, 1, act)))
-            cin = cout
-        self.bn, self.linear = nn.BatchNorm2d(cin), nn.Linear(cin, num_classes)
-
-    def forward(self, x):
-        out = self.conv1((x - self.mean) / self.std)
-        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        return self.linear(F.adaptive_avg_pool2d(F.relu(self.bn(out)), 1).flatten(1))
+def eval_script():
+    """The top-level eval.py, imported only when --ckpt / --data-dir need it (`import eval` shadows the builtin)."""
+    return importlib.import_module("eval")
 
 
 def load_model(path, width=None, num_classes=None, activation=None, mean=None, std=None):
-    """Rebuild a PreActResNet-18 from a model.pt / ckpt.pt (metadata) or a plain state_dict (flags), eval mode."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    meta = ckpt if isinstance(ckpt, dict) and "arch" in ckpt else {}
-    if meta and meta["arch"] != "preact_resnet18":
-        raise ValueError(f"{path}: unknown arch {meta['arch']!r}; --ckpt rebuilds preact_resnet18 only")
-    sd = ckpt.get("model", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else ckpt
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path}: no state_dict found (expected a model.pt, a ckpt.pt or a plain state_dict)")
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
-    model = _PreActResNet18(num_classes or meta.get("num_classes") or sd["linear.weight"].shape[0],
-                            mean or meta.get("mean", (0.0, 0.0, 0.0)), std or meta.get("std", (1.0, 1.0, 1.0)),
-                            width or meta.get("width") or sd["conv1.weight"].shape[0],
-                            activation or meta.get("activation", "relu"))
-    model.load_state_dict(sd)   # strict: a wrong layout fails loudly
-    return model.eval()
+    """eval.py's PreActResNet-18 from a model.pt / ckpt.pt (metadata) or a plain state_dict (width and classes read
+    from its shapes unless given), eval mode on the CPU."""
+    ev = eval_script()
+    sd = ev.extract_state_dict(ev.load_checkpoint(path), path)
+    width = width or (sd["conv1.weight"].shape[0] if "conv1.weight" in sd else None)
+    num_classes = num_classes or (sd["linear.weight"].shape[0] if "linear.weight" in sd else None)
+    return ev.build_model_from_ckpt(path, width=width, num_classes=num_classes, activation=activation, mean=mean,
+                                    std=std)
 
 
-# ------------------------------------------------------------------------------------------------------ the data
 def load_cifar_test(data_dir, n):
-    """The first n CIFAR-10 test images (B, 3, 32, 32) in [0, 1] and their labels, from the python pickle."""
+    """The first n CIFAR-10 test images (B, 3, 32, 32) in [0, 1] and their labels (eval.py's `read_split`)."""
     root = Path(data_dir)
-    path = root / "test_batch" if (root / "test_batch").exists() else root / "cifar-10-batches-py" / "test_batch"
-    if not path.exists():
-        raise FileNotFoundError(f"no CIFAR-10 test_batch under {root} (expected {path})")
-    with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="bytes")
-    x = torch.tensor(batch[b"data"][:n]).view(-1, 3, 32, 32).float() / 255
-    return x, torch.tensor(batch[b"labels"][:n])
+    root = root.parent if root.name == "cifar-10-batches-py" else root   # the folder itself, or its parent
+    x, y = eval_script().read_split("cifar10", root, train=False)
+    return x[:n].float() / 255, y[:n]
 
 
 def fake_images(n, seed):

@@ -17,6 +17,7 @@ One run (`apgd_run`) from a starting point x0 inside the ball:
 `apgd` adds random starts, restarts, targets (APGD-T: the k-th most likely clean classes, k = 2..n_target+1)
 and, for l_1, the large-eps schedule 3eps -> 2eps -> eps over 30/30/40% of the iterations (each stage starts
 from the previous stage's best point re-projected; only the last stage, at eps, may count a point as broken).
+The todo / target / restart / hit bookkeeping is `run_attempts`, shared with FAB-T (_fab.py).
 A point is broken when some iterate is misclassified; that iterate is returned (AutoAttack never returns a
 best-loss-but-correct point).
 
@@ -35,7 +36,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from attacks._common import project_l1_box, project_l2, project_linf
+from attacks._common import per_sample, project_l1_box, project_l2, project_linf
 
 NORMS = ("linf", "l2", "l1")
 LOSSES = ("ce", "dlr", "dlr-t")
@@ -92,8 +93,7 @@ def project(x, x_adv, eps_b, norm):
 def random_start(x, eps, norm, noise):
     """AutoAttack's random start from the given noise: l_inf eps t/||t||_inf (t uniform), l_2 eps t/||t||_2
     (t Gaussian), l_1 the l_1-ball-and-box projection of the Gaussian t."""
-    b = x.shape[0]
-    eps_b = torch.as_tensor(eps, device=x.device, dtype=x.dtype).reshape(-1).expand(b).reshape(b, 1, 1, 1)
+    b, eps_b = x.shape[0], per_sample(eps, x)
     if norm == "linf":
         t = 2 * noise - 1
         return (x + eps_b * t / t.flatten(1).abs().amax(1).view(b, 1, 1, 1)).clamp(0.0, 1.0)
@@ -126,7 +126,7 @@ def apgd_run(model, x, y, x0, *, eps, norm, n_iter, loss="ce", target=None):
     some iterate was misclassified, and the last misclassified iterate (= x0 where none was)."""
     b, d = x.shape[0], x[0].numel()
     loss_fn = LOSS_FNS[loss]
-    eps_b = torch.as_tensor(eps, device=x.device, dtype=x.dtype).reshape(-1).expand(b).reshape(b, 1, 1, 1)
+    eps_b = per_sample(eps, x)
     step = (2.0 if norm in ("linf", "l2") else 1.0) * eps_b        # eta_0 = 2 eps (l_inf, l_2), eps (l_1)
     x_adv = x0.clone()
     logits, cur_loss, grad = _value_and_grad(model, x_adv, y, loss_fn, target)
@@ -192,6 +192,42 @@ def apgd_run(model, x, y, x0, *, eps, norm, n_iter, loss="ce", target=None):
     return x_best, broken, x_broken
 
 
+def run_attempts(model, x, todo, attempt, *, n_target=None, n_restarts=1, min_classes=0, name="this attack"):
+    """The bookkeeping shared by the components (APGD, FAB-T) on the points in `todo` (B,) bool.
+
+    For each target (n_target None: untargeted, one pass with target None; else AutoAttack's targets, the k-th most
+    likely clean class, k = 2..min(n_target, C - 1) + 1) and each of n_restarts: attempt(idx, target[idx]) ->
+    (hit, x_hit) runs on the still-unbroken points idx only. Returns (x_adv, broken): broken (B,) marks the points
+    some attempt hit, x_adv holds that attempt's x_hit there and x elsewhere. The clean logits of the todo points
+    (one forward pass) give the number of classes C (ValueError below min_classes) and the targets.
+    """
+    b = x.shape[0]
+    x_adv, broken = x.clone(), torch.zeros(b, dtype=torch.bool, device=x.device)
+    todo_idx = todo.nonzero().squeeze(1)
+    if todo_idx.numel() == 0:
+        return x_adv, broken
+    with torch.no_grad():   # clean logits of the attacked points only (-> targets)
+        logits_todo = model(x[todo_idx])
+    n_classes = logits_todo.shape[1]
+    if n_classes < min_classes:
+        raise ValueError(f"{name} needs >= {min_classes} classes, the model has {n_classes}")
+    targets = [None]
+    if n_target is not None:
+        logits = torch.zeros(b, n_classes, device=x.device, dtype=x.dtype)
+        logits[todo_idx] = logits_todo
+        order = logits.argsort(dim=1, descending=True)              # clean logits, most likely first
+        targets = [order[:, k - 1] for k in range(2, min(n_target, n_classes - 1) + 2)]
+    for target in targets:
+        for _ in range(n_restarts):
+            idx = (todo & ~broken).nonzero().squeeze(1)
+            if idx.numel() == 0:
+                return x_adv, broken
+            hit, x_hit = attempt(idx, None if target is None else target[idx])
+            x_adv[idx[hit]] = x_hit[hit]
+            broken[idx[hit]] = True
+    return x_adv, broken
+
+
 def apgd(model, x, y, todo, *, norm, eps, loss="ce", n_iter=100, n_restarts=1, n_target=0, large_eps=False,
          generator=None):
     """APGD-CE / APGD-DLR (n_target = 0) or APGD-T (n_target > 0, loss 'dlr-t') on the points in `todo` (B,) bool.
@@ -205,48 +241,25 @@ def apgd(model, x, y, todo, *, norm, eps, loss="ce", n_iter=100, n_restarts=1, n
         raise ValueError(f"unknown loss {loss!r}; choose from {LOSSES}")
     if large_eps and norm != "l1":
         raise ValueError(f"the large-eps schedule is for l1 only, got norm {norm!r}")
-    b = x.shape[0]
-    x_adv, broken = x.clone(), torch.zeros(b, dtype=torch.bool, device=x.device)
-    todo_idx = todo.nonzero().squeeze(1)
-    if todo_idx.numel() == 0:
-        return x_adv, broken
-    with torch.no_grad():   # clean logits of the attacked points only (-> targets)
-        logits_todo = model(x[todo_idx])
-    n_classes = logits_todo.shape[1]
-    logits = torch.zeros(b, n_classes, device=x.device, dtype=x.dtype)
-    logits[todo_idx] = logits_todo
-    min_classes = {"ce": 2, "dlr": 3, "dlr-t": 4}[loss]
-    if n_classes < min_classes:
-        raise ValueError(f"APGD with loss {loss!r} needs >= {min_classes} classes, the model has {n_classes}")
-    targets = [None]
-    if n_target > 0:
-        if loss != "dlr-t":
-            raise ValueError(f"targeted APGD uses loss 'dlr-t', got {loss!r}")
-        order = logits.argsort(dim=1, descending=True)              # clean logits, most likely first
-        targets = [order[:, k - 1] for k in range(2, min(n_target, n_classes - 1) + 2)]
+    if n_target > 0 and loss != "dlr-t":
+        raise ValueError(f"targeted APGD uses loss 'dlr-t', got {loss!r}")
     if large_eps:
         iters = [math.ceil(f * n_iter) for _, f in LARGE_EPS[:-1]]
         stages = [(m * eps, it) for (m, _), it in zip(LARGE_EPS, iters + [max(n_iter - sum(iters), 1)])]
     else:
         stages = [(eps, n_iter)]
 
-    for target in targets:
-        for _ in range(n_restarts):
-            # draw for the full batch, then select (keeps every point's draw independent of the others)
-            gauss = norm != "linf"
-            noise = (torch.randn if gauss else torch.rand)(x.shape, generator=generator, device=x.device,
-                                                           dtype=x.dtype)
-            idx = (todo & ~broken).nonzero().squeeze(1)
-            if idx.numel() == 0:
-                return x_adv, broken
-            xs, ys, ns = x[idx], y[idx], noise[idx]
-            ts = None if target is None else target[idx]
-            x0 = random_start(xs, stages[0][0], norm, ns)
-            for eps_s, iters_s in stages:   # one stage unless the l_1 large-eps schedule is on
-                x0 = project(xs, x0, torch.full((xs.shape[0], 1, 1, 1), float(eps_s), device=x.device,
-                                                dtype=x.dtype), norm)
-                x0, hit, x_hit = apgd_run(model, xs, ys, x0, eps=eps_s, norm=norm, n_iter=iters_s, loss=loss,
-                                          target=ts)
-            x_adv[idx[hit]] = x_hit[hit]
-            broken[idx[hit]] = True
-    return x_adv, broken
+    def attempt(idx, target):
+        # draw for the full batch, then select (keeps every point's draw independent of the others)
+        noise = (torch.rand if norm == "linf" else torch.randn)(x.shape, generator=generator, device=x.device,
+                                                                dtype=x.dtype)
+        xs, ys = x[idx], y[idx]
+        x0 = random_start(xs, stages[0][0], norm, noise[idx])
+        for eps_s, iters_s in stages:   # one stage unless the l_1 large-eps schedule is on
+            x0 = project(xs, x0, per_sample(eps_s, xs), norm)
+            x0, hit, x_hit = apgd_run(model, xs, ys, x0, eps=eps_s, norm=norm, n_iter=iters_s, loss=loss,
+                                      target=target)
+        return hit, x_hit
+
+    return run_attempts(model, x, todo, attempt, n_target=n_target if n_target > 0 else None, n_restarts=n_restarts,
+                        min_classes={"ce": 2, "dlr": 3, "dlr-t": 4}[loss], name=f"APGD with loss {loss!r}")

@@ -23,10 +23,12 @@ where c = b - w.p (signs flipped so that c >= 0), s_i = sign(w_i) and r_i = the 
 The first two are both "sum_i a_i min(s, beta_i) = c", solved exactly by sorting the breakpoints beta_i.
 
 Deviations from the reference: none in the algorithm; the projections are our own exact solvers (sort + cumsum).
-Depends on: torch only (no package-internal import).
+Depends on: attacks/_apgd.py (run_attempts: the todo / target / hit bookkeeping shared with APGD).
 """
 
 import torch
+
+from attacks._apgd import run_attempts
 
 ALPHA_MAX, ETA, BETA = 0.1, 1.05, 0.9   # AutoAttack FAB defaults
 
@@ -128,24 +130,10 @@ def fab_targeted(model, x, y, todo, *, norm, eps, n_iter=100, n_target=9):
 
     Returns (x_adv, broken): broken where a misclassified point within eps was found (then stored in x_adv).
     """
-    bsz = x.shape[0]
-    x_adv, broken = x.clone(), torch.zeros(bsz, dtype=torch.bool, device=x.device)
-    todo_idx = todo.nonzero().squeeze(1)
-    if todo_idx.numel() == 0:
-        return x_adv, broken
-    with torch.no_grad():   # clean logits of the attacked points only (-> targets)
-        logits_todo = model(x[todo_idx])
-    n_classes = logits_todo.shape[1]
-    logits = torch.zeros(bsz, n_classes, device=x.device, dtype=x.dtype)
-    logits[todo_idx] = logits_todo
-    order = logits.argsort(dim=1, descending=True)                  # clean logits, most likely first
-    for k in range(2, min(n_target, n_classes - 1) + 2):
-        idx = (todo & ~broken).nonzero().squeeze(1)
-        if idx.numel() == 0:
-            break
-        cand, dist = fab_targeted_run(model, x[idx], y[idx], order[idx, k - 1], norm=norm, n_iter=n_iter)
+    def attempt(idx, target):
+        cand, dist = fab_targeted_run(model, x[idx], y[idx], target, norm=norm, n_iter=n_iter)
         with torch.no_grad():
             hit = (model(cand).argmax(1) != y[idx]) & (dist <= eps)
-        x_adv[idx[hit]] = cand[hit]
-        broken[idx[hit]] = True
-    return x_adv, broken
+        return hit, cand
+
+    return run_attempts(model, x, todo, attempt, n_target=n_target)

@@ -267,12 +267,13 @@ class TestCli(unittest.TestCase):
         lines = buf.getvalue().splitlines()
         listed = {line.split("|")[0].strip() for line in lines[2:]}
         self.assertEqual(listed, set(ATTACKS))
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "g.png"
-            with contextlib.redirect_stdout(io.StringIO()):
-                cli.main(cli.get_args(["--gallery", str(path), "--attacks", "jpeg,glitch", "--n-images", "2",
+        with tempfile.TemporaryDirectory() as tmp:   # ppgd: the default model has the features() it needs
+            path, out = Path(tmp) / "g.png", io.StringIO()
+            with contextlib.redirect_stdout(out):
+                cli.main(cli.get_args(["--gallery", str(path), "--attacks", "jpeg,glitch,ppgd", "--n-images", "2",
                                        "--device", "cpu"]))
             self.assertEqual(path.read_bytes()[:8], b"\x89PNG\r\n\x1a\n")
+            self.assertIn("row  3: ppgd", out.getvalue())
 
     def test_ckpt_loader_matches_the_scripts_model(self):
         """attacks/__main__.load_model rebuilds the same network as the scripts' shared model block."""
@@ -294,9 +295,12 @@ class TestCli(unittest.TestCase):
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(meta, Path(tmp) / "model.pt")
             ours = cli.load_model(Path(tmp) / "model.pt")
+            torch.save({"module." + k: v for k, v in net.state_dict().items()}, Path(tmp) / "sd.pt")
+            plain = cli.load_model(Path(tmp) / "sd.pt", mean=meta["mean"], std=meta["std"])   # width from shapes
         x, _ = batch()
         with torch.no_grad():
             self.assertTrue(torch.allclose(ours(x), net(x), atol=1e-5))
+            self.assertTrue(torch.allclose(plain(x), net(x), atol=1e-5))
 
 
 if __name__ == "__main__":
