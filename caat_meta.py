@@ -50,15 +50,15 @@ def make_parser():
     add_common_flags(parser)
     add_caat_flags(parser)
     g = parser.add_argument_group("Meta-CAAT (Alg. 1); the baselines and Settings I-IV are presets of these (README)")
-    g.add_argument("--direction", default="learned", choices=("learned", "adversarial", "head-tail"),
+    g.add_argument("--direction", type=str, default="learned", choices=("learned", "adversarial", "head-tail"),
                    help="learned: f_Omega (Eq. 25); adversarial: every sample; head-tail: tail classes adversarial, "
                         "head classes anti-adversarial (Sec. 6.5 'Without')")
-    g.add_argument("--bound", default="grad", choices=("grad", "fixed", "remargin"),
+    g.add_argument("--bound", type=str, default="grad", choices=("grad", "fixed", "remargin"),
                    help="grad: Eq. (26); fixed: --eps; remargin: FRL's class-wise bound")
-    g.add_argument("--reweight", default="nat-bdy", choices=("nat-bdy", "nat", "rob", "none"),
+    g.add_argument("--reweight", type=str, default="nat-bdy", choices=("nat-bdy", "nat", "rob", "none"),
                    help="FRL class weights on the natural and boundary terms (Eq. 19), on the natural term only "
                         "(FRL ReMargin), on the whole loss from robust errors (Baseline ReWeight), or none")
-    g.add_argument("--loss", default="trades", choices=("trades", "ce"),
+    g.add_argument("--loss", type=str, default="trades", choices=("trades", "ce"),
                    help="adversary term: CE(x) + lam KL(x, x_adv) from a KL attack (TRADES), or CE(x_adv) from a CE "
                         "attack with a uniform start (PGD-AT, Madry et al.)")
     g.add_argument("--lam", "--beta", dest="lam", type=fraction, default=1.5,

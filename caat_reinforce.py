@@ -49,7 +49,7 @@ def make_parser():
     add_common_flags(parser)
     add_caat_flags(parser)
     g = parser.add_argument_group("Reinforce-CAAT (Alg. 2)")
-    g.add_argument("--reweight", default="nat-bdy", choices=("nat-bdy", "none"),
+    g.add_argument("--reweight", type=str, default="nat-bdy", choices=("nat-bdy", "none"),
                    help="FRL class weights on the natural and boundary terms (Eq. 19), or none")
     g.add_argument("--lam", type=fraction, default=0.005, help="lambda of Eq. (30) (paper: 0.005 CIFAR-10, 0.1 SVHN)")
     g.add_argument("--lam-reduction", type=str, default="mean", choices=("mean", "sum"),

@@ -1,40 +1,35 @@
-"""eval.py -- robustness evaluation of any checkpoint: every registered attack, AutoAttack and the papers' tables.
+"""eval.py -- robustness evaluation of any model: every registered attack, AutoAttack and the papers' tables.
 
-    python eval.py --ckpt runs/cas/cifar10-s0-.../model.pt                         # all attacks, "medium" level
+    python eval.py --ckpt runs/cas/cifar10-s0-.../model.pt                   # all attacks at the "medium" level
     python eval.py --ckpt model.pt --attacks linf,l2,l1,fog --autoattack linf,l2,l1 --n-examples 1000
-    python eval.py --ckpt eat.pt --width 64 --activation softplus --input-norm none # a plain foreign state_dict
-    python eval.py --compare runs/a/eval.json runs/b/eval.json --labels SAT,CAS     # methods side by side
-    python eval.py --aggregate runs/t1/*/s*/eval.json --out runs/t1/table1.md       # mean +- std over seeds
-    python eval.py --tradeoff start.json rows/*/eval.json --out matrix.md           # CAS Figs. 3/6
+    python eval.py --ckpt their.pt                  # any PreActResNet-18 state_dict: width, classes from the weights
+    python eval.py --ckpt eat.pt --activation softplus --input-norm none       # E-AT's weights
+    python eval.py --ckpt wrn.pt --arch mypkg.nets:WideResNet --arch-kwargs '{"depth": 28}'   # any architecture
+    python eval.py --compare a/eval.json b/eval.json --labels SAT,CAS | --aggregate runs/t1/*/s*/eval.json --out t1.md
+    python eval.py --tradeoff start.json rows/*/eval.json --out matrix.md     # CAS Figs. 3/6
 
-Rebuilds the PreActResNet-18 from the checkpoint's metadata (model.pt / ckpt.pt of cas.py, caat_meta.py,
-caat_reinforce.py: arch, width, activation, num_classes, dataset, mean, std) or, for a plain state_dict (a
-`module.` prefix is stripped), from --width/--activation/--num-classes/--input-norm. Evaluates the FIRST
---n-examples test images (unshuffled), in eval mode, and reports
-  - clean accuracy and the accuracy under each attack of --attacks at full evaluation strength
-    (attacks.attack_settings: l_p and ppgd from attacks.EVAL_STRENGTH, the semantic attacks from their module's
-    LEVELS[--level]; eps from --eps-table where given);
-  - the CAS paper's aggregates (Table 1, Sec. 5.1) with its scenario weights: weighted avg. Robust, avg. l_p and
-    avg. Semantic (cifar) or avg. Corruption and avg. Others (svhn);
-  - union accuracy: correct on the clean image AND under every attack and AutoAttack run (the worst case);
-  - AutoAttack robust accuracy per norm of --autoattack (standard version, or --aa-version apgd);
-  - the CAAT paper's class-wise errors (Eqs. 45-48, Tables 1-2): average and worst-class natural, boundary and
-    robust error under PGD-10 / PGD-20 (eps 8/255, step 2/255) and under each AutoAttack run.
-The global RNG is re-seeded with --seed before every attack (shared `evaluate`), so an attack's result depends
-neither on the order nor on the set of attacks. Every adversarial batch passes an AutoAttack-style sanity check
-(`sanity_check`: finite, inside [0, 1], l_p / LPIPS norm within the budget); a failure raises SanityCheckError.
+From Python, any nn.Module (options: the flags' names; files are written only with out=... or ckpt=...):
 
-Outputs: eval.json (default: next to the checkpoint; rewritten atomically after EVERY attack, so an interrupted run
-keeps what it finished and --resume skips it) and eval.md (the markdown tables, also printed), one progress line per
-attack (elapsed time, ETA), and with --save-examples a PNG grid: row 0 clean, then one row per attack run.
-The schema of eval.json is in README.md#evalpy.
+    import eval as ev
+    res = ev.evaluate_model(my_model, dataset="cifar10", attacks="linf,fog", autoattack="linf", n_examples=500)
+    print(res["clean_acc"], res["attacks"]["linf"]["acc"], res["avg_robust"], res["union_acc"])
+
+Input convention (AutoAttack's, RobustBench's): a model receives images in [0, 1] and normalises them itself (ours
+carry a Normalize layer; --input-norm applies to our PreActResNet-18 only). Evaluates the FIRST --n-examples test
+images in eval mode: accuracy clean and under each attack at full strength (attacks.attack_settings), the CAS
+aggregates (Table 1, Sec. 5.1), union accuracy, AutoAttack, CAAT's class-wise errors (Eqs. 45-48). The RNG is
+re-seeded before every attack; every adversarial batch is sanity-checked (AutoAttack-style). eval.json (schema:
+README.md#evalpy) and eval.md are rewritten atomically after every attack (--resume skips finished ones).
 """
 
 import argparse
+import importlib.util
 import json
 import math
 import os
 import random
+import statistics
+import sys
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -47,22 +42,19 @@ import torch.nn.functional as F
 import attacks
 from attacks import ATTACKS, DEFAULT_EPS, attack_settings, load_eps_table
 
-SCRIPT = "eval"
-FORMAT = 1
-NORMS = ("linf", "l2", "l1")
-P = {"linf": float("inf"), "l2": 2.0, "l1": 1.0}
-
+FORMAT, GROUPS, NORMS = 1, ("attacks", "pgd", "autoattack"), ("linf", "l2", "l1")
+P = {"linf": math.inf, "l2": 2.0, "l1": 1.0}
 CAAT_EPS, CAAT_STEP = 8 / 255, 2 / 255   # CAAT Sec. 6.1 (FRL's setting): PGD eps 8/255, step 2/255, 10 / 20 steps
+# Sanity-check tolerances: [0, 1] exact (as AutoAttack's check); l_p budget: relative 1e-5 (float32 projections, as
+# attacks/autoattack.py's re-check) plus the p-norm of one ulp of [0, 1] values per pixel, d^(1/p) * 2^-23; LPIPS
+# (ppgd): relative 1e-3 (the distance is recomputed from features; batched kernels may differ in the last bits).
+BUDGET_RTOL, ULP, LPIPS_RTOL = 1e-5, 2.0 ** -23, 1e-3
+DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "svhn": "SVHN", "fake": "fake"}
+CAAT_COLUMNS = {"avg_nat": "Avg. Nat.", "worst_nat": "Worst Nat.", "avg_bdy": "Avg. Bdy.", "worst_bdy": "Worst Bdy.",
+                "avg_rob": "Avg. Rob.", "worst_rob": "Worst Rob."}
 
-# Sanity-check tolerances. Range: exact ([0, 1], as AutoAttack's check). l_p budget: relative 1e-5 (float32
-# arithmetic of the projections, as attacks/autoattack.py's re-check) plus the p-norm of a one-ulp-at-1.0 error per
-# pixel, d^(1/p) * 2^-23 (recomputing x_adv - x in float32 rounds every pixel by at most one ulp of [0, 1] values).
-# LPIPS (ppgd): relative 1e-3 (the distance is recomputed from features; batched kernels may differ in the last bits).
-BUDGET_RTOL, ULP = 1e-5, 2.0 ** -23
-LPIPS_RTOL = 1e-3
 
-
-def fraction(s: str) -> float:
+def fraction(s):
     """argparse type that accepts fractions: --caat-eps 8/255."""
     try:
         return float(Fraction(s))
@@ -71,68 +63,60 @@ def fraction(s: str) -> float:
 
 
 def make_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = parser.add_argument_group("what to evaluate")
-    g.add_argument("--ckpt", type=str, default="", help="model.pt / ckpt.pt of our scripts, or a plain state_dict")
-    g.add_argument("--dataset", type=str, default=None, choices=("cifar10", "cifar100", "svhn", "fake"),
-                   help="test set (default: the checkpoint's dataset, else cifar10)")
-    g.add_argument("--data-dir", type=str, default="./data", help="where the dataset files are (or are downloaded to)")
-    g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
-                   help="download missing dataset files (md5-checked archives)")
-    g.add_argument("--n-examples", type=int, default=1000, help="evaluate the first N test images")
-    g.add_argument("--batch-size", type=int, default=256)
-    g.add_argument("--seed", type=int, default=0, help="re-seeded before every attack")
-    g.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False,
-                   help="deterministic cuDNN / algorithms (CPU runs are deterministic anyway)")
-    g = parser.add_argument_group("model (plain state_dicts; for our checkpoints these override the metadata)")
-    g.add_argument("--arch", type=str, default=None, choices=("preact_resnet18",), help="architecture")
-    g.add_argument("--width", type=int, default=None, help="base width (default: metadata, else 64)")
-    g.add_argument("--activation", type=str, default=None, choices=("relu", "softplus"),
-                   help="block activation (default: metadata, else relu; softplus: E-AT's weights)")
-    g.add_argument("--num-classes", type=int, default=None, help="default: metadata, else the dataset's")
-    g.add_argument("--input-norm", type=str, default=None, choices=("dataset", "none"),
-                   help="mean/std inside the model (default: metadata, else the dataset's; none: raw [0,1] input)")
-    g = parser.add_argument_group("attacks")
-    g.add_argument("--attacks", type=str, default="all", help="all, none, or a comma list of attacks.ATTACKS names")
-    g.add_argument("--level", type=str, default="medium", choices=("low", "medium", "high"),
-                   help="strength of the attacks whose module has a LEVELS table (the semantic ones)")
-    g.add_argument("--eps-table", type=str, default="", help="JSON {name: eps} (e.g. calibrated, Eq. 11); overrides")
-    g.add_argument("--steps", type=int, default=0,
-                   help="quick runs: N steps for every attack (step size rescaled to keep steps x step size) and "
-                        "AutoAttack's n_iter (0 = full strength)")
-    g.add_argument("--autoattack", type=str, default="", help="comma list of norms (linf,l2,l1) for AutoAttack")
-    g.add_argument("--aa-version", type=str, default="standard", choices=("standard", "apgd"),
-                   help="standard: APGD-CE, APGD-T, FAB-T, Square; apgd: APGD-CE + APGD-T (cheaper)")
-    g.add_argument("--aa-batch-size", type=int, default=250, help="images per AutoAttack call")
-    g.add_argument("--aa-queries", type=int, default=5000, help="Square attack queries (AutoAttack: 5000)")
-    g.add_argument("--caat-pgd", type=str, default="10,20",
-                   help="steps of CAAT's PGD evaluations (comma list; empty = none), eps --caat-eps")
-    g.add_argument("--caat-eps", type=fraction, default=CAAT_EPS, help="eps of CAAT's PGD (Sec. 6.1)")
-    g.add_argument("--caat-step-size", type=fraction, default=CAAT_STEP, help="step size of CAAT's PGD")
-    g = parser.add_argument_group("tables and outputs")
-    g.add_argument("--scenario", type=str, default="auto", choices=("auto", "cifar", "svhn"),
-                   help="CAS weights and groups of Sec. 5.1 (auto: svhn for SVHN, else cifar)")
-    g.add_argument("--lp-source", type=str, default="attack", choices=("attack", "autoattack"),
-                   help="l_p accuracies in the CAS aggregates: our PGD/APGD-l1, or AutoAttack where it ran (paper)")
-    g.add_argument("--out", type=str, default="", help="eval.json path (default: next to the checkpoint)")
-    g.add_argument("--resume", action="store_true", help="continue --out: skip the attacks already in it")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing --out instead of refusing")
-    g.add_argument("--label", type=str, default="", help="method name in the tables (default: checkpoint's folder)")
-    g.add_argument("--save-examples", type=str, default="", help="PNG: clean images and their adversarial versions")
-    g.add_argument("--n-show", type=int, default=8, help="images per row of --save-examples")
-    g.add_argument("--compare", type=str, nargs="+", default=None, help="eval.json files: print them side by side")
-    g.add_argument("--labels", type=str, default="", help="comma list of column names for --compare")
-    g.add_argument("--tradeoff", type=str, nargs="+", default=None,
-                   help="CAS Figs. 3/6: START.json ROW.json ...: the change of every attack's accuracy from the start "
-                        "model's eval.json to each row's (a model fine-tuned on one attack alone); --out writes it")
-    g.add_argument("--tradeoff-sequential", action="store_true",
-                   help="with --tradeoff: measure each row against the previous row (a chain of fine-tunings)")
-    g.add_argument("--aggregate", type=str, nargs="+", default=None,
-                   help="eval.json files of several seeds: mean +- std per --label (the paper's Table 1 layout; "
-                        "wall-clock from the results.json beside each checkpoint); --out writes the markdown")
-    return parser
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument_group("what to evaluate").add_argument
+    a("--ckpt", type=str, default="", help="model.pt / ckpt.pt of our scripts, or a plain state_dict")
+    a("--dataset", type=str, default=None, choices=tuple(DATASETS), help="default: the checkpoint's, else cifar10")
+    a("--data-dir", type=str, default="./data", help="where the dataset files are (or are downloaded to)")
+    a("--download", action=argparse.BooleanOptionalAction, default=True, help="download missing dataset files")
+    a("--n-examples", type=int, default=1000, help="evaluate the first N test images")
+    a("--batch-size", type=int, default=256)
+    a("--seed", type=int, default=0, help="re-seeded before every attack")
+    a("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--deterministic", action=argparse.BooleanOptionalAction, default=False, help="deterministic cuDNN / algorithms")
+    a = p.add_argument_group("model (images in [0, 1]; flags override our metadata, must fit the weights)").add_argument
+    a("--arch", type=str, default=None, help="preact_resnet18 (ours, the default), or module:Class / path/to/file.py:"
+      "Class: any nn.Module taking [0, 1] images, into which the checkpoint's state_dict is loaded")
+    a("--arch-kwargs", type=json.loads, default={}, help="JSON object: the constructor arguments of --arch Class")
+    a("--width", type=int, default=None, help="PreActResNet-18 width (default: metadata, else the weights')")
+    a("--activation", type=str, default=None, choices=("relu", "softplus"),
+      help="default: metadata, else relu (softplus: E-AT's weights)")
+    a("--num-classes", type=int, default=None, help="default: metadata, else the weights'")
+    a("--input-norm", type=str, default=None, choices=("dataset", "none"), help="mean/std inside our model "
+      "(default: metadata, else the dataset's; none: raw [0, 1] input)")
+    a = p.add_argument_group("attacks").add_argument
+    a("--attacks", type=str, default="all", help="all, none, or a comma list of attacks.ATTACKS names")
+    a("--level", type=str, default="medium", choices=("low", "medium", "high"), help="semantic attacks' LEVELS entry")
+    a("--eps-table", type=str, default="", help="JSON {name: eps} (e.g. calibrated, Eq. 11); overrides")
+    a("--steps", type=int, default=0, help="quick runs: N steps for every attack (same steps x step size) and "
+      "AutoAttack's n_iter (0 = full strength)")
+    a("--autoattack", type=str, default="", help="comma list of norms (linf,l2,l1) for AutoAttack")
+    a("--aa-version", type=str, default="standard", choices=("standard", "apgd"), help="standard: APGD-CE, APGD-T, "
+      "FAB-T, Square; apgd: APGD-CE + APGD-T (cheaper)")
+    a("--aa-batch-size", type=int, default=250, help="images per AutoAttack call")
+    a("--aa-queries", type=int, default=5000, help="Square attack queries (AutoAttack: 5000)")
+    a("--caat-pgd", type=str, default="10,20", help="steps of CAAT's PGD evaluations (comma list; empty = none)")
+    a("--caat-eps", type=fraction, default=CAAT_EPS, help="eps of CAAT's PGD (Sec. 6.1)")
+    a("--caat-step-size", type=fraction, default=CAAT_STEP, help="step size of CAAT's PGD")
+    a = p.add_argument_group("tables and outputs").add_argument
+    a("--scenario", type=str, default="auto", choices=("auto", "cifar", "svhn"), help="CAS Sec. 5.1 weights, groups")
+    a("--lp-source", type=str, default="attack", choices=("attack", "autoattack"), help="l_p accuracies in the CAS "
+      "aggregates: our PGD/APGD-l1, or AutoAttack where it ran (paper)")
+    a("--out", type=str, default="", help="eval.json path (default: next to the checkpoint)")
+    a("--resume", action="store_true", help="continue --out: skip the attacks already in it")
+    a("--overwrite", action="store_true", help="replace an existing --out instead of refusing")
+    a("--label", type=str, default="", help="method name in the tables (default: the checkpoint's folder)")
+    a("--save-examples", type=str, default="", help="PNG: clean images and their adversarial versions")
+    a("--n-show", type=int, default=8, help="images per row of --save-examples")
+    a("--compare", type=str, nargs="+", default=None, help="eval.json files: print them side by side")
+    a("--labels", type=str, default="", help="comma list of column names for --compare")
+    a("--tradeoff", type=str, nargs="+", default=None, help="CAS Figs. 3/6: START.json ROW.json ...: each attack's "
+      "accuracy change from the start model to each row's (fine-tuned on one attack)")
+    a("--tradeoff-sequential", action="store_true", help="with --tradeoff: each row against the previous one")
+    a("--aggregate", type=str, nargs="+", default=None, help="eval.json files of several seeds: mean +- std per "
+      "--label (CAS Table 1 layout; time from the results.json beside each checkpoint)")
+    return p
 
 
 def get_args(argv=None):
@@ -141,23 +125,41 @@ def get_args(argv=None):
     args = parser.parse_args(argv)
     if not (args.compare or args.aggregate or args.tradeoff):
         try:
-            check_args(args)
+            check_args(args, need_ckpt=True)
         except (ValueError, FileNotFoundError) as e:
             parser.error(str(e))
     return args
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Attack settings, the sanity check and the CAAT class-wise metrics
-# ----------------------------------------------------------------------------------------------------------------
+def check_args(args, need_ckpt=False):
+    if need_ckpt and not args.ckpt:
+        raise ValueError("--ckpt is required (or --compare / --aggregate / --tradeoff with eval.json files)")
+    if args.ckpt and not Path(args.ckpt).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {args.ckpt}")
+    for flag, low in (("n_examples", 1), ("batch_size", 1), ("aa_batch_size", 1), ("aa_queries", 1), ("n_show", 1),
+                      ("steps", 0)):
+        if getattr(args, flag) < low:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= {low}, got {getattr(args, flag)!r}")
+    if any(s.strip() not in NORMS for s in args.autoattack.split(",") if s.strip()):
+        raise ValueError(f"--autoattack: unknown norm in {args.autoattack!r}; choose from {', '.join(NORMS)}")
+    if not all(s.strip().isdigit() and int(s) > 0 for s in args.caat_pgd.split(",") if s.strip()):
+        raise ValueError(f"--caat-pgd must be a comma list of positive step counts, got {args.caat_pgd!r}")
+    if not isinstance(args.arch_kwargs, dict):
+        raise ValueError(f"--arch-kwargs must be a JSON object, got {args.arch_kwargs!r}")
+    if args.arch not in (None, "preact_resnet18"):
+        ours = [f for f in ("width", "activation", "num_classes", "input_norm") if getattr(args, f) is not None]
+        if ":" not in args.arch or ours:
+            raise ValueError(f"--arch {args.arch}: " + (f"--{ours[0].replace('_', '-')} is a flag of our "
+                             "PreActResNet-18; give that class's arguments with --arch-kwargs" if ours else
+                             "expected preact_resnet18, module:Class or path/to/file.py:Class"))
+    attack_names(args.attacks)
+
 
 def attack_names(spec):
     """--attacks: 'all' (the papers' order, then any other registered attack), 'none', or a validated list."""
     if spec.strip() == "all":
         return [n for n in attacks.ALL if n in ATTACKS] + [n for n in ATTACKS if n not in attacks.ALL]
-    if spec.strip() in ("", "none"):
-        return []
-    return attacks.registered(spec)
+    return [] if spec.strip() in ("", "none") else attacks.registered(spec)
 
 
 def ordered(names):
@@ -175,22 +177,10 @@ class SanityCheckError(RuntimeError):
     """An attack returned an invalid adversarial batch (NaN, outside [0, 1], or outside its budget)."""
 
 
-def perturbation_norm(name, kw):
-    """Which distance the budget bounds: 'linf' / 'l2' / 'l1' / 'lpips', or None (latent constraints)."""
-    if name in NORMS:
-        return name
-    if name == "ppgd" and kw.get("lpips_net", "self") == "self":
-        return "lpips"
-    return None
-
-
 def sanity_check(name, x, x_adv, norm=None, eps=None, model=None):
-    """AutoAttack-style check of one adversarial batch; returns its stats, raises SanityCheckError on failure.
-
-    Always: same shape, no NaN/inf, values in [0, 1] (exact). norm 'linf'/'l2'/'l1': max_i ||x_adv_i - x_i||_p <=
-    eps (tolerance: BUDGET_RTOL, ULP above). norm 'lpips': ppgd's own distance with the model's features <= eps.
-    max_pert is that norm, or the l_inf change for attacks with latent constraints (informative only).
-    """
+    """AutoAttack-style check of one adversarial batch: same shape, finite, in [0, 1], and for norm linf / l2 / l1 /
+    lpips (ppgd's own distance) within eps (+ the tolerances above). Returns its stats (max_pert: that distance, or
+    the l_inf change of attacks with latent constraints, norm None); raises SanityCheckError on failure."""
     if x_adv.shape != x.shape:
         raise SanityCheckError(f"{name}: x_adv has shape {tuple(x_adv.shape)}, x has {tuple(x.shape)}")
     n_bad = int((~torch.isfinite(x_adv)).sum())
@@ -201,13 +191,11 @@ def sanity_check(name, x, x_adv, norm=None, eps=None, model=None):
         raise SanityCheckError(f"{name}: x_adv outside [0, 1] (min {lo:.6g}, max {hi:.6g})")
     delta = (x_adv - x).flatten(1)
     if norm in NORMS:
-        pert = delta.norm(p=P[norm], dim=1)
-        tol = float(eps) * BUDGET_RTOL + delta.shape[1] ** (1 / P[norm]) * ULP
+        pert, tol = delta.norm(p=P[norm], dim=1), float(eps) * BUDGET_RTOL + delta.shape[1] ** (1 / P[norm]) * ULP
     elif norm == "lpips":
         from attacks.perceptual import feature_fn, lpips_distance
         with torch.no_grad():
-            pert = lpips_distance(feature_fn(model, "self"), x, x_adv)
-        tol = float(eps) * LPIPS_RTOL
+            pert, tol = lpips_distance(feature_fn(model, "self"), x, x_adv), float(eps) * LPIPS_RTOL
     else:
         pert, tol = delta.abs().amax(dim=1), math.inf
     max_pert = float(pert.max()) if len(pert) else 0.0
@@ -249,133 +237,103 @@ def classwise_json(y, correct_clean, correct_adv, num_classes):
 
 
 def bits(correct):
-    return "".join("1" if c else "0" for c in correct.tolist())
+    return "".join("01"[bool(c)] for c in correct.tolist())
 
 
-def unbits(s):
-    return torch.tensor([c == "1" for c in s], dtype=torch.bool)
-
-
-def summarize(res, y, num_classes, scenario, lp_source):
-    """The aggregates of the finished entries: CAS Table 1 (shared `aggregate`), union, CAAT class-wise metrics."""
-    clean = unbits(res["clean_correct"])
-    names = ordered(res["attacks"])
+def write_outputs(res, out, y, num_classes, scenario, lp_source):
+    """Recompute the aggregates from the per-image `correct` strings (CAS Table 1 with the weights of Sec. 5.1, union,
+    CAAT class-wise); write eval.json and eval.md atomically when `out` is set. Returns the markdown."""
+    unbits = lambda s: torch.tensor([c == "1" for c in s], dtype=torch.bool)   # noqa: E731
+    clean, names = unbits(res["clean_correct"]), ordered(res["attacks"])
     acc = {n: res["attacks"][n]["acc"] for n in names}
     if lp_source == "autoattack":   # the paper's l_p numbers are AutoAttack's (Sec. 5.1)
         acc.update({n: res["autoattack"][n]["acc"] for n in names if n in res["autoattack"]})
     weights = scenario_weights(names, scenario)
-    agg = aggregate(acc, weights, names, scenario)                 # CAS Table 1 and Sec. 5.1 (weights 6 / 1)
-    by_family = aggregate(acc, weights, names, "cifar")            # avg_lp / avg_semantic in every scenario
+    agg = {**aggregate(acc, weights, names, scenario), **{k: v for k, v in aggregate(acc, weights, names, "cifar")
+                                                         .items() if k != "avg_robust"}}   # avg_lp, avg_semantic
     union = clean.clone()
-    for group in ("attacks", "autoattack"):
-        for entry in res[group].values():
-            union &= unbits(entry["correct"])
-    for group in ("pgd", "autoattack"):
-        for entry in res[group].values():
-            entry["classwise"] = classwise_json(y, clean, unbits(entry["correct"]), num_classes)
-    nan_to_none = lambda v: None if isinstance(v, float) and math.isnan(v) else v
-    res.update({k: nan_to_none(v) for k, v in agg.items()})
-    res.update(avg_lp=nan_to_none(by_family["avg_lp"]), avg_semantic=nan_to_none(by_family["avg_semantic"]),
-               avg_all=nan_to_none(agg["avg_robust"]), union_acc=union.float().mean().item(),
-               weights=dict(zip(names, weights)), scenario=scenario, lp_source=lp_source)
-    res["clean_classwise"] = classwise_json(y, clean, clean, num_classes)
+    for entry in [*res["attacks"].values(), *res["autoattack"].values()]:   # CAAT's PGD runs are not in the union
+        union &= unbits(entry["correct"])
+    for entry in [*res["pgd"].values(), *res["autoattack"].values()]:
+        entry["classwise"] = classwise_json(y, clean, unbits(entry["correct"]), num_classes)
+    res.update({k: None if math.isnan(v) else v for k, v in agg.items()})
+    res.update(avg_all=res["avg_robust"], union_acc=union.float().mean().item(), weights=dict(zip(names, weights)),
+               scenario=scenario, lp_source=lp_source, clean_classwise=classwise_json(y, clean, clean, num_classes))
+    text = markdown([res], [res["label"]])
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json(out, res)
+        write_text(out.with_suffix(".md"), text)
+    return text
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Markdown: CAS Table 1 (methods in columns), per-attack accuracy, AutoAttack (CAAT Tables 3-4), CAAT Tables 1-2
-# ----------------------------------------------------------------------------------------------------------------
+# ---- tables: CAS Table 1, per attack, AutoAttack (CAAT Tables 3-4), CAAT Tables 1-2; --aggregate, --tradeoff ----
 
-DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "svhn": "SVHN", "fake": "fake"}
-CAAT_COLUMNS = (("avg_nat", "Avg. Nat."), ("worst_nat", "Worst Nat."), ("avg_bdy", "Avg. Bdy."),
-                ("worst_bdy", "Worst Bdy."), ("avg_rob", "Avg. Rob."), ("worst_rob", "Worst Rob."))
-
-
-def pct(v, digits=2):
-    return "–" if v is None else f"{100 * v:.{digits}f}"
-
-
-def md_table(header, rows):
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
-
-
-def job_title(group, key, entry):
-    if group == "pgd":   # key "pgd10" -> PGD-10; a --steps run says how many steps it really took
-        nominal = int(key[3:])
-        quick = "" if entry["steps"] == nominal else f", run with {entry['steps']} steps"
-        return f"PGD-{nominal} (l_inf {fmt(entry['eps'])}{quick})"
-    if group == "autoattack":
-        return f"AutoAttack-{key} ({entry['version']}, eps {fmt(entry['eps'])})"
-    return key
-
-
-def job_rank(key):
-    """pgd10 < pgd20 < ... ; linf < l2 < l1."""
-    return (int(key[3:]), key) if key.startswith("pgd") else (NORMS.index(key) if key in NORMS else 9, key)
-
-
-def fmt(v):
+def fmt(v, pct=None):
+    """Table cells: a fraction in % (pct = digits), 8/255 rather than 0.0313725, '–' for None."""
+    if v is None or pct is not None:
+        return "–" if v is None else f"{100 * v:.{pct}f}"
     if isinstance(v, float) and abs(v * 255 - round(v * 255)) < 1e-6 and len(f"{v:.6g}") > 6:
         return f"{round(v * 255)}/255"
     return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
+def md_table(header, rows, title=None):
+    """A markdown table; with a title: the lines ["", title, "", table]."""
+    table = "\n".join("| " + " | ".join(map(str, r)) + " |" for r in [header, ["---"] * len(header)] + rows)
+    return table if title is None else ["", title, "", table]
+
+
+def job_title(group, key, e):
+    if group == "pgd":   # "pgd10" -> PGD-10; a --steps run says how many steps it really took
+        quick = "" if e["steps"] == int(key[3:]) else f", run with {e['steps']} steps"
+        return f"PGD-{key[3:]} (l_inf {fmt(e['eps'])}{quick})"
+    return f"AutoAttack-{key} ({e['version']}, eps {fmt(e['eps'])})" if group == "autoattack" else key
+
+
 def markdown(evals, labels):
     """All tables for one evaluation or several (--compare): methods in columns (CAS), in rows (CAAT)."""
-    first = evals[0]
-    scen = first.get("scenario", "cifar")
-    groups = (("avg_lp", "avg. ℓ_p"), ("avg_semantic", "avg. Semantic")) if scen == "cifar" else \
-        (("avg_corruption", "avg. Corruption"), ("avg_others", "avg. Others"))
-    out = []
-    for e, lab in zip(evals, labels):
-        out.append(f"- **{lab}**: `{e['ckpt']}`; {e['data_label']}; seed {e['seed']}; attacks {e['config']['level']} "
-                   f"level{', --steps ' + str(e['config']['steps']) if e['config']['steps'] else ''}"
-                   f"{'' if e.get('complete', True) else '; INCOMPLETE, pending: ' + ', '.join(e['pending'])}")
-    dataset = DATASET_NAMES.get(first["dataset"], first["dataset"])
-    rows = [[dataset, "Clean"] + [pct(e["clean_acc"]) for e in evals],
-            ["", "avg. Robust"] + [pct(e.get("avg_robust")) for e in evals]]
-    rows += [["", title] + [pct(e.get(key)) for e in evals] for key, title in groups]
-    rows.append(["", "Union (worst case)"] + [pct(e.get("union_acc")) for e in evals])
-    out += ["", f"**Accuracy (%), CAS Table 1 layout** (scenario {scen}: weight 6 for "
-            f"{'l_inf, l_2, l_1' if scen == 'cifar' else 'snow, fog, blur'}, 1 for the others; l_p from "
-            f"{first.get('lp_source', 'attack')})", "", md_table(["Dataset", "Accuracy"] + labels, rows)]
+    first, scen, one = evals[0], evals[0].get("scenario", "cifar"), len(evals) == 1
+    out = [f"- **{lab}**: `{e['ckpt']}`; {e['data_label']}; seed {e['seed']}; attacks {e['config']['level']} level"
+           f"{', --steps ' + str(e['config']['steps']) if e['config']['steps'] else ''}"
+           f"{'' if e.get('complete', True) else '; INCOMPLETE, pending: ' + ', '.join(e['pending'])}"
+           for e, lab in zip(evals, labels)]
+    keys = {"avg_robust": "avg. Robust", **({"avg_lp": "avg. ℓ_p", "avg_semantic": "avg. Semantic"} if scen == "cifar"
+            else {"avg_corruption": "avg. Corruption", "avg_others": "avg. Others"}), "union_acc": "Union (worst case)"}
+    rows = [[DATASET_NAMES.get(first["dataset"], first["dataset"]), "Clean"] + [fmt(e["clean_acc"], 2) for e in evals]]
+    rows += [["", t] + [fmt(e.get(k), 2) for e in evals] for k, t in keys.items()]
+    out += md_table(["Dataset", "Accuracy"] + labels, rows,
+                    f"**Accuracy (%), CAS Table 1 layout** (scenario {scen}: weight 6 for "
+                    f"{'l_inf, l_2, l_1' if scen == 'cifar' else 'snow, fog, blur'}, 1 for the others; l_p from "
+                    f"{first.get('lp_source', 'attack')})")
+    acc = lambda e, g, k: fmt(e[g][k]["acc"], 2) if k in e[g] else "–"   # noqa: E731
     names = ordered({n for e in evals for n in e["attacks"]})   # JSON keys are sorted: back to the papers' order
-    if names:
-        if len(evals) == 1:
-            weights, entries = first["weights"], first["attacks"]
-            rows = [[n, f"{weights[n]:g}" if n in weights else "–", fmt(a["eps"]), a["steps"], pct(a["acc"]),
-                     f"{a['max_pert']:.4g} ({a['pert']})", f"{a['time_s']:.1f}"]
-                    for n, a in ((n, entries[n]) for n in names)]
-            out += ["", "**Accuracy (%) per attack**", "",
-                    md_table(["attack", "weight", "eps", "steps", labels[0], "max pert (norm)", "time (s)"], rows)]
-        else:
-            rows = [[n] + [pct(e["attacks"][n]["acc"]) if n in e["attacks"] else "–" for e in evals] for n in names]
-            out += ["", "**Accuracy (%) per attack**", "", md_table(["attack"] + labels, rows)]
-    norms = [n for n in NORMS if any(n in e["autoattack"] for e in evals)]   # linf, l2, l1
+    if names and one:
+        rows = [[n, fmt(first["weights"].get(n)), fmt(a["eps"]), a["steps"], fmt(a["acc"], 2),
+                 f"{a['max_pert']:.4g} ({a['pert']})", f"{a['time_s']:.1f}"] for n, a in
+                ((n, first["attacks"][n]) for n in names)]
+        out += md_table(["attack", "weight", "eps", "steps", labels[0], "max pert (norm)", "time (s)"], rows,
+                        "**Accuracy (%) per attack**")
+    elif names:
+        out += md_table(["attack"] + labels, [[n] + [acc(e, "attacks", n) for e in evals] for n in names],
+                        "**Accuracy (%) per attack**")
+    ref = lambda g, k: next(e[g][k] for e in evals if k in e[g])   # noqa: E731
+    norms = [n for n in NORMS if any(n in e["autoattack"] for e in evals)]
     if norms:
-        rows = [[lab] + [pct(e["autoattack"][n]["acc"]) if n in e["autoattack"] else "–" for n in norms]
-                for e, lab in zip(evals, labels)]
-        out += ["", "**Robust accuracy (%) for AutoAttack, CAAT Tables 3-4 layout**", "",
-                md_table(["Method"] + [job_title("autoattack", n, next(e["autoattack"][n] for e in evals
-                                                                        if n in e["autoattack"])) for n in norms],
-                         rows)]
-    jobs = []
-    for e in evals:
-        jobs += [(g, k) for g in ("pgd", "autoattack") for k in sorted(e[g], key=job_rank) if (g, k) not in jobs]
-    if jobs:
-        head = [c for _, c in CAAT_COLUMNS]
-        out += ["", "**Average and worst-class natural, boundary and robust errors (%), CAAT Tables 1-2 layout "
-                "(Eqs. 45-48)**"]
-        if len(evals) == 1:
-            rows = [[job_title(g, k, first[g][k])] + [pct(first[g][k]["classwise"][c], 1) for c, _ in CAAT_COLUMNS]
-                    for g, k in jobs]
-            out += ["", md_table(["Attack"] + head, rows)]
-        else:
-            for g, k in jobs:
-                ref = next(e[g][k] for e in evals if k in e[g])
-                rows = [[lab] + ([pct(e[g][k]["classwise"][c], 1) for c, _ in CAAT_COLUMNS] if k in e[g]
-                                 else ["–"] * len(head)) for e, lab in zip(evals, labels)]
-                out += ["", f"*{job_title(g, k, ref)}*", "", md_table(["Method"] + head, rows)]
+        out += md_table(["Method"] + [job_title("autoattack", n, ref("autoattack", n)) for n in norms],
+                        [[lab] + [acc(e, "autoattack", n) for n in norms] for e, lab in zip(evals, labels)],
+                        "**Robust accuracy (%) for AutoAttack, CAAT Tables 3-4 layout**")
+    rank = lambda k: (int(k[3:]), k) if k.startswith("pgd") else (NORMS.index(k) if k in NORMS else 9, k)  # noqa: E731
+    jobs = list(dict.fromkeys((g, k) for e in evals for g in ("pgd", "autoattack") for k in sorted(e[g], key=rank)))
+    cw = lambda e, g, k: [fmt(e[g][k]["classwise"][c], 1) if k in e[g] else "–" for c in CAAT_COLUMNS]  # noqa: E731
+    title = "**Average and worst-class natural, boundary and robust errors (%), CAAT Tables 1-2 layout (Eqs. 45-48)**"
+    if jobs and one:
+        rows = [[job_title(g, k, first[g][k])] + cw(first, g, k) for g, k in jobs]
+        out += md_table(["Attack", *CAAT_COLUMNS.values()], rows, title)
+    elif jobs:
+        out += ["", title] + [line for g, k in jobs for line in md_table(
+            ["Method", *CAAT_COLUMNS.values()], [[lab] + cw(e, g, k) for e, lab in zip(evals, labels)],
+            f"*{job_title(g, k, ref(g, k))}*")]
     return "\n".join(out) + "\n"
 
 
@@ -390,73 +348,58 @@ def read_eval(path, complete=False):
 
 
 def compare(paths, labels):
+    """--compare: the tables of several eval.json files, with a warning where they are not comparable."""
     evals = [read_eval(p) for p in paths]
-    labels = [s.strip() for s in labels.split(",")] if labels else [e.get("label") or Path(p).parent.name
-                                                                    for e, p in zip(evals, paths)]
+    labels = [s.strip() for s in labels.split(",")] if labels else \
+        [e.get("label") or Path(p).parent.name for e, p in zip(evals, paths)]
     if len(labels) != len(evals):
         raise ValueError(f"--labels has {len(labels)} names for {len(evals)} files")
-    if len(set(labels)) < len(labels):
-        labels = [f"{lab} ({i + 1})" for i, lab in enumerate(labels)]
-    notes = []
-    if len({(e["dataset"], e["n"], e["seed"], e["scenario"], e["lp_source"]) for e in evals}) > 1:
-        notes.append("the evaluations differ in dataset, number of images, seed, scenario or --lp-source "
-                     f"(the tables use the first one's {evals[0]['scenario']} scenario)")
-    if len({tuple(sorted(e["attacks"])) for e in evals}) > 1:
-        notes.append("the aggregates are over different sets of attacks")
-    for group in ("attacks", "pgd", "autoattack"):
-        for key in sorted({k for e in evals for k in e[group]}):
-            if len({json.dumps(e[group][key]["kwargs"], sort_keys=True) for e in evals if key in e[group]}) > 1:
-                notes.append(f"{group}/{key} was run with different settings")
-    warning = "".join(f"**Warning: {n}.**\n" for n in notes)
-    return warning + markdown(evals, labels)
+    labels = labels if len(set(labels)) == len(labels) else [f"{lab} ({i + 1})" for i, lab in enumerate(labels)]
+    differ = lambda f: len({json.dumps(f(e), sort_keys=True) for e in evals if f(e) is not None}) > 1  # noqa: E731
+    notes = [f"the evaluations differ in dataset, number of images, seed, scenario or --lp-source (the tables use "
+             f"the first one's {evals[0]['scenario']} scenario)"] if differ(
+        lambda e: [e[k] for k in ("dataset", "n", "seed", "scenario", "lp_source")]) else []
+    notes += ["the aggregates are over different sets of attacks"] if differ(lambda e: sorted(e["attacks"])) else []
+    notes += [f"{g}/{k} was run with different settings" for g in GROUPS
+              for k in sorted({k for e in evals for k in e[g]}) if differ(lambda e: e[g].get(k, {}).get("kwargs"))]
+    return "".join(f"**Warning: {n}.**\n" for n in notes) + markdown(evals, labels)
 
 
 def aggregate_seeds(paths):
-    """Mean +- std (sample std, ddof 1) over the eval.json files of each label, in the layout of CAS Table 1."""
+    """--aggregate: mean +- sample std over the eval.json files of each label (CAS Table 1 layout), and Table 2's
+    fine-tuning time (time/train_s of the results.json beside each checkpoint: training alone)."""
     groups = {}
     for p in paths:
         e = read_eval(p, complete=True)
-        run_dir = Path(e["ckpt"]).parent   # wall-clock and seed of the training run, when it is ours
-        wall = json.loads((run_dir / "results.json").read_text()).get("time/train_s") \
-            if (run_dir / "results.json").exists() else None   # Table 2: fine-tuning time, no evaluation
-        seed = json.loads((run_dir / "args.json").read_text()).get("seed") if (run_dir / "args.json").exists() else None
-        groups.setdefault(e["label"], []).append({**e, "wall_s": wall, "train_seed": seed})
-    if len({(e["dataset"], e["n"], e["scenario"], tuple(sorted(e["attacks"]))) for g in groups.values() for e in g}) > 1:
+        run = Path(e["ckpt"]).parent   # the training run's folder, when it is ours
+        info = [json.loads((run / f).read_text()) if e["ckpt"] and (run / f).is_file() else {}
+                for f in ("results.json", "args.json")]
+        groups.setdefault(e["label"], []).append({**e, "wall_s": info[0].get("time/train_s"),
+                                                  "train_seed": info[1].get("seed")})
+    if len({(e["dataset"], e["n"], e["scenario"], *sorted(e["attacks"])) for g in groups.values() for e in g}) > 1:
         raise ValueError("--aggregate: the files differ in dataset, number of images, scenario or attacks")
     first = next(iter(groups.values()))[0]
-    cols = [("clean", "Clean")] + ([("avg_robust", "avg. Robust"), ("avg_lp", "avg. l_p"), ("avg_semantic",
-            "avg. Semantic")] if first["scenario"] == "cifar" else [("avg_robust", "avg. Robust"),
-           ("avg_corruption", "avg. Corruption"), ("avg_others", "avg. Others")])
-
-    def mean_std(vals):
-        vals = [v for v in vals if v is not None]
-        if not vals:
-            return None, None
-        m = sum(vals) / len(vals)
-        return m, (math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0)
-
+    cols = {"clean": "Clean", "avg_robust": "avg. Robust", **({"avg_lp": "avg. l_p", "avg_semantic": "avg. Semantic"}
+            if first["scenario"] == "cifar" else {"avg_corruption": "avg. Corruption", "avg_others": "avg. Others"})}
+    mean_std = lambda v: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0) if v else (None, None)  # noqa
     table, rows = {}, []
     for label, evals in groups.items():
-        entry = {"train_seeds": [e["train_seed"] for e in evals], "ckpts": [e["ckpt"] for e in evals]}
-        for key, _ in cols:
-            entry[key] = mean_std([e["clean_acc"] if key == "clean" else e.get(key) for e in evals])
-        entry["wall_min"] = mean_std([e["wall_s"] / 60 if e["wall_s"] is not None else None for e in evals])
-        table[label] = entry
-        cells = [f"{100 * m:.2f} ± {100 * sd:.2f}" if m is not None else "–" for m, sd in (entry[k] for k, _ in cols)]
-        wm, ws = entry["wall_min"]
-        rows.append([label, str(len(evals))] + cells + [f"{wm:.1f} ± {ws:.1f}" if wm is not None else "–"])
-    text = (f"Accuracy (%) on the {first['data_label']}, mean ± std (sample std) over the runs of each label; "
+        entry = table[label] = {"train_seeds": [e["train_seed"] for e in evals], "ckpts": [e["ckpt"] for e in evals]}
+        for k in cols:
+            vals = (e["clean_acc"] if k == "clean" else e.get(k) for e in evals)
+            entry[k] = mean_std([v for v in vals if v is not None])
+        entry["wall_min"] = mean_std([e["wall_s"] / 60 for e in evals if e["wall_s"] is not None])
+        rows.append([label, len(evals)] + [f"{100 * m:.2f} ± {100 * s:.2f}" if m is not None else "–"
+                                           for m, s in (entry[k] for k in cols)]
+                    + [f"{m:.1f} ± {s:.1f}" if m is not None else "–" for m, s in [entry["wall_min"]]])
+    return (f"Accuracy (%) on the {first['data_label']}, mean ± std (sample std) over the runs of each label; "
             f"fine-tuning time of the training run (min; training alone, no evaluation).\n\n"
-            + md_table(["Method", "runs"] + [c for _, c in cols] + ["fine-tuning time (min)"], rows))
-    return text, table
+            + md_table(["Method", "runs", *cols.values(), "fine-tuning time (min)"], rows)), table
 
 
 def tradeoff_matrix(paths, sequential):
-    """CAS Figs. 3/6: entry (k, j) = acc_j after fine-tuning on attack k alone - acc_j before, and the matrix's sum.
-
-    paths: the start model's eval.json, then one eval.json per row (its label names the row: by default the folder
-    of the checkpoint, i.e. the attack trained on). sequential: row k is measured against row k-1 (a chain).
-    """
+    """--tradeoff, CAS Figs. 3/6: entry (k, j) = acc_j after fine-tuning on attack k alone - acc_j before, and the
+    sum. paths: the start model's eval.json, then one per row (named by its label); sequential: row k vs row k-1."""
     evals = [read_eval(p, complete=True) for p in paths]
     if len(evals) < 2:
         raise ValueError("--tradeoff needs the start model's eval.json and at least one row's")
@@ -464,8 +407,7 @@ def tradeoff_matrix(paths, sequential):
     rows, table = [["(start accuracy, %)"] + [f"{100 * evals[0]['attacks'][j]['acc']:.1f}" for j in names] + [""]], {}
     for i, e in enumerate(evals[1:]):
         ref = evals[i] if sequential else evals[0]
-        d = {j: e["attacks"][j]["acc"] - ref["attacks"][j]["acc"] for j in names}
-        table[e["label"]] = d
+        d = table[e["label"]] = {j: e["attacks"][j]["acc"] - ref["attacks"][j]["acc"] for j in names}
         rows.append([e["label"]] + [f"{100 * v:+.1f}" for v in d.values()] + [f"{100 * sum(d.values()):+.1f}"])
     total = sum(sum(d.values()) for d in table.values())
     text = (f"Trade-off matrix (CAS Figs. 3/6): change of robust accuracy (points) on the {evals[0]['data_label']} "
@@ -475,38 +417,76 @@ def tradeoff_matrix(paths, sequential):
     return text, {"attacks": names, "sequential": sequential, "rows": table, "sum": total}
 
 
-def save_examples(path, clean, rows, n_show):
-    """PNG grid: row 0 the clean images, then one row per attack (adversarial versions of the same images)."""
-    from torchvision.utils import save_image   # only here: eval.py needs torchvision for this option alone
-    grid = torch.cat([clean[:n_show].cpu()] + [r[:n_show].cpu() for _, r in rows])
-    save_image(grid, path, nrow=min(n_show, len(clean)), padding=2, pad_value=1.0)
-    print(f"examples: {path} (rows: clean, {', '.join(t for t, _ in rows)})", flush=True)
+# ---- the model: ours from its metadata or its weights, or any class (--arch module:Class) ----
+
+def build_model_from_ckpt(path, device="cpu", width=None, activation=None, num_classes=None, mean=None, std=None,
+                          arch=None, arch_kwargs=None):
+    """A checkpoint's model in eval mode. arch "module:Class" / "path/to/file.py:Class": Class(**arch_kwargs), the
+    state_dict loaded strictly. Else our PreActResNet-18 from our model.pt / ckpt.pt metadata, or from what a plain
+    state_dict's weights determine (width: conv1's out channels; classes: the linear layer's rows). The arguments
+    override the metadata (mean / std: default none, [0, 1] input) and must fit the weights, else a ValueError."""
+    ckpt = load_checkpoint(path)
+    if arch not in (None, "preact_resnet18"):
+        mod, _, name = arch.rpartition(":")
+        sys.path.insert(0, str(Path(mod).resolve().parent) if mod.endswith(".py") else os.getcwd())   # its imports
+        if mod.endswith(".py"):
+            src = importlib.util.spec_from_file_location(Path(mod).stem, mod)
+            src.loader.exec_module(module := importlib.util.module_from_spec(src))
+        else:
+            module = importlib.import_module(mod)
+        if not callable(getattr(module, name, None)):
+            raise ValueError(f"--arch {arch}: {mod} defines no class {name!r}")
+        model = getattr(module, name)(**(arch_kwargs or {}))
+        try:
+            model.load_state_dict(extract_state_dict(ckpt, path))
+        except RuntimeError as e:
+            raise ValueError(f"{path} does not fit --arch {arch}: {' '.join(str(e).split())[:400]}") from e
+        return model.to(device).eval()
+    meta = ckpt if isinstance(ckpt, dict) and "arch" in ckpt else {}
+    if meta and meta["arch"] != "preact_resnet18":
+        raise ValueError(f"{path}: unknown arch {meta['arch']!r}; give its class with --arch module:Class")
+    sd, given = extract_state_dict(ckpt, path), {"width": width, "num_classes": num_classes}
+    found = {k: sd[w].shape[0] for k, w in (("width", "conv1.weight"), ("num_classes", "linear.weight")) if w in sd}
+    for k, v in given.items():
+        if v is not None and k in found and v != found[k]:
+            raise ValueError(f"--{k.replace('_', '-')} {v} does not fit the weights of {path}: they have "
+                             f"{k.replace('_', ' ')} {found[k]}")
+    inferred = [f"width {v}" if k == "width" else f"{v} classes" for k, v in found.items()
+                if given[k] is None and k not in meta]
+    if inferred:
+        print(f"{path}: inferred from the weights: {', '.join(inferred)}", flush=True)
+    model = build_model(num_classes or found.get("num_classes") or meta.get("num_classes", 10),
+                        mean or meta.get("mean", (0.0, 0.0, 0.0)), std or meta.get("std", (1.0, 1.0, 1.0)),
+                        width or found.get("width") or meta.get("width", 64),
+                        activation or meta.get("activation", "relu"))
+    try:
+        load_weights(model, path)
+    except ValueError as e:
+        raise ValueError(f"{e}; another architecture: --arch module:Class") from e
+    return model.to(device).eval()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# main: model -> data -> clean -> one job per attack (re-seeded, checked, written) -> tables
-# ----------------------------------------------------------------------------------------------------------------
+# ---- evaluation: clean, then one job per attack (re-seeded, sanity-checked, written) ----
 
 def make_jobs(args, dataset, eps_table):
-    """[(group, key, fn(model, x, y) -> x_adv, settings, norm, batch size)] in the order they run."""
+    """[(group, key, fn(model, x, y) -> x_adv, settings, norm checked, batch size)] in the order they run."""
+    def job(group, key, f, kw, norm, steps, bs=args.batch_size, **extra):
+        return group, key, lambda m, x, y: f(m, x, y, **kw), {"kwargs": kw, "eps": kw["eps"], "steps": steps,
+                                                               **extra}, norm, bs
+
     jobs = []
     for name in attack_names(args.attacks):
         kw = eval_kwargs(name, dataset, args.level, eps_table, args.steps)
-        fn = (lambda f, kw: lambda m, x, y: f(m, x, y, **kw))(ATTACKS[name], kw)
-        jobs.append(("attacks", name, fn, {"kwargs": kw, "eps": kw["eps"], "steps": kw.get("steps")},
-                     perturbation_norm(name, kw), args.batch_size))
+        norm = name if name in NORMS else "lpips" if name == "ppgd" and kw.get("lpips_net", "self") == "self" else None
+        jobs.append(job("attacks", name, ATTACKS[name], kw, norm, kw.get("steps")))
     for k in [int(s) for s in args.caat_pgd.split(",") if s.strip()]:
         kw = {"eps": args.caat_eps, "steps": args.steps or k, "step_size": args.caat_step_size * k / (args.steps or k)}
-        fn = (lambda kw: lambda m, x, y: ATTACKS["linf"](m, x, y, **kw))(kw)
-        jobs.append(("pgd", f"pgd{k}", fn, {"kwargs": kw, "eps": kw["eps"], "steps": kw["steps"]}, "linf",
-                     args.batch_size))
+        jobs.append(job("pgd", f"pgd{k}", ATTACKS["linf"], kw, "linf", kw["steps"]))
     for norm in [s.strip() for s in args.autoattack.split(",") if s.strip()]:
-        eps = DEFAULT_EPS.get(dataset, DEFAULT_EPS["cifar10"])[norm]
-        kw = {"norm": norm, "eps": eps, "version": args.aa_version, "seed": args.seed,
-              "n_queries": args.aa_queries, **({"n_iter": args.steps} if args.steps else {})}
-        fn = (lambda kw: lambda m, x, y: attacks.autoattack(m, x, y, **kw)[0])(kw)
-        jobs.append(("autoattack", norm, fn, {"kwargs": kw, "eps": eps, "steps": kw.get("n_iter", 100),
-                                               "version": args.aa_version}, norm, args.aa_batch_size))
+        kw = {"norm": norm, "eps": DEFAULT_EPS.get(dataset, DEFAULT_EPS["cifar10"])[norm], "version": args.aa_version,
+              "seed": args.seed, "n_queries": args.aa_queries, **({"n_iter": args.steps} if args.steps else {})}
+        jobs.append(job("autoattack", norm, lambda m, x, y, **kw: attacks.autoattack(m, x, y, **kw)[0], kw, norm,
+                        kw.get("n_iter", 100), args.aa_batch_size, version=args.aa_version))
     return jobs
 
 
@@ -516,66 +496,105 @@ def hms(seconds):
 
 
 def run_job(model, x_u8, y, fn, name, norm, eps, batch_size, seed, n_show):
-    """One attack through the shared `evaluate` (re-seeded), every batch sanity-checked; returns correctness, stats."""
-    stats = {"max_pert": 0.0, "x_min": 1.0, "x_max": 0.0, "n_nan": 0}
-    shown = []
+    """One attack through the shared `evaluate` (re-seeded), every batch sanity-checked; returns the per-image
+    correctness, the check's stats and the first n_show adversarial images."""
+    stats, shown = {"max_pert": 0.0, "x_min": 1.0, "x_max": 0.0, "n_nan": 0}, []
 
     def checked(m, x, y_b):
         x_adv = fn(m, x, y_b)
         s = sanity_check(name, x, x_adv, norm=norm, eps=eps, model=m)
         stats.update(max_pert=max(stats["max_pert"], s["max_pert"]), x_min=min(stats["x_min"], s["x_min"]),
                      x_max=max(stats["x_max"], s["x_max"]))
-        if sum(len(t) for t in shown) < n_show:
-            shown.append(x_adv[:n_show].detach().cpu())
+        shown.append(x_adv[:n_show - sum(map(len, shown))].detach().cpu())
         return x_adv
 
-    res = evaluate(model, x_u8, y, {name: checked}, batch_size, seed)
-    return res["correct"][name].cpu(), stats, torch.cat(shown)[:n_show] if shown else None
+    return evaluate(model, x_u8, y, {name: checked}, batch_size, seed)["correct"][name].cpu(), stats, torch.cat(shown)
 
 
-def check_args(args):
-    if not args.ckpt:
-        raise ValueError("--ckpt is required (or --compare / --aggregate / --tradeoff with eval.json files)")
-    if not Path(args.ckpt).is_file():
-        raise FileNotFoundError(f"checkpoint not found: {args.ckpt}")
-    for flag in ("n_examples", "batch_size", "aa_batch_size", "aa_queries", "n_show"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)!r}")
-    if args.steps < 0:
-        raise ValueError(f"--steps must be >= 0, got {args.steps!r}")
-    bad = [s for s in args.autoattack.split(",") if s.strip() and s.strip() not in NORMS]
-    if bad:
-        raise ValueError(f"--autoattack: unknown norm(s) {bad}; choose from {', '.join(NORMS)}")
-    if not all(s.strip().isdigit() and int(s) > 0 for s in args.caat_pgd.split(",") if s.strip()):
-        raise ValueError(f"--caat-pgd must be a comma list of positive step counts, got {args.caat_pgd!r}")
-    attack_names(args.attacks)
+class UsageError(ValueError):
+    """A setting or input that does not fit, found before any attack ran; the CLI prints it in one line (exit 2)."""
 
 
-def load_model(args, meta, dataset, device):
-    """The model from our metadata (flags override it) or, for a plain state_dict, from the flags alone."""
-    ds = DATASETS[dataset]
-    norm_from = args.input_norm or ("metadata" if meta else "dataset")
-    mean, std = {"metadata": (None, None), "dataset": (ds["mean"], ds["std"]),
-                 "none": ((0.0,) * 3, (1.0,) * 3)}[norm_from]
-    num_classes = args.num_classes or (None if meta else ds["num_classes"])
-    return build_model_from_ckpt(args.ckpt, device, width=args.width, activation=args.activation,
-                                 num_classes=num_classes, mean=mean, std=std)
+def evaluate_model(model, dataset="cifar10", **options):
+    """Evaluate `model` (any nn.Module taking images in [0, 1]; put in eval mode) on `dataset`. options: the flags'
+    names (attacks="linf,fog", n_examples=500, out="eval.json", ...; else the flags' defaults). eval.json / eval.md
+    are written only with `out` (or `ckpt`: next to it, as the CLI does). Returns the eval.json dict."""
+    args = make_parser().parse_args([])
+    if set(options) - set(vars(args)):
+        raise TypeError(f"evaluate_model: unknown options {sorted(set(options) - set(vars(args)))} (flag names)")
+    vars(args).update(options, dataset=dataset)
+    try:   # everything that can be checked before the first attack: a user error, not a bug
+        check_args(args)
+        seed_everything(args.seed, args.deterministic)
+        model = model.to(pick_device(args.device)).eval()
+        data = make_datasets(argparse.Namespace(dataset=dataset, data_dir=args.data_dir, download=args.download,
+                                                train_subset=0, test_subset=0, input_norm="dataset"), "cpu")
+        x_u8, y = (data[k][: args.n_examples].to(args.device) for k in ("test_x", "test_y"))
+        with torch.no_grad():
+            num_classes = model(to_float(x_u8[:1])).shape[1]
+        if int(y.max()) >= num_classes:
+            raise ValueError(f"the model has {num_classes} classes but {dataset} labels go up to {int(y.max())}")
+        jobs = make_jobs(args, dataset, eps_table := load_eps_table(args.eps_table))
+        if any(j[4] == "lpips" for j in jobs) and not callable(getattr(model, "features", None)):
+            raise ValueError(f"ppgd measures LPIPS with the model's own features(x), which {type(model).__name__} "
+                             "lacks: leave ppgd out of --attacks")
+        ckpt = str(Path(args.ckpt).resolve()) if args.ckpt else ""
+        out = Path(args.out) if args.out else Path(ckpt).parent / "eval.json" if ckpt else None
+        info = {"num_classes": num_classes, **({
+            "width": model.conv1.out_channels, "mean": model.normalize.mean.flatten().tolist(),
+            "activation": "softplus" if isinstance(model.layer1[0].act, nn.Softplus) else "relu",
+            "std": model.normalize.std.flatten().tolist()} if isinstance(model, PreActResNet18) else
+            {"arch": args.arch or f"{type(model).__module__}:{type(model).__qualname__}"})}
+        res = start_results(args, out, jobs, {
+            "format": FORMAT, "ckpt": ckpt, "dataset": dataset, "n": len(y), "seed": args.seed, "model": info,
+            "batch_size": args.batch_size, "label": args.label or (Path(ckpt).parent.name if ckpt else
+                                                                   type(model).__name__),
+            "data_label": f"first {len(y)} of the {len(data['test_y'])} {DATASET_NAMES.get(dataset, dataset)} test "
+                          f"images{' under ' + args.data_dir if dataset != 'fake' else ''}",
+            "config": {"attacks": args.attacks, "level": args.level, "steps": args.steps, "eps_table": eps_table,
+                       "aa_version": args.aa_version, "caat_pgd": args.caat_pgd, "lp_source": args.lp_source}})
+        first = evaluate(model, x_u8, y, {}, args.batch_size, args.seed)
+        clean = bits(first["correct"]["clean"])
+        if res.setdefault("clean_correct", clean) != clean:
+            raise ValueError(f"--resume: the clean predictions differ from those in {out} (another model or data?)")
+    except (ValueError, OSError) as e:
+        raise UsageError(str(e)) from e
+    res["clean_acc"] = first["clean"]
+    print(f"output: {out}\n{res['data_label']}: clean accuracy {res['clean_acc']:.4f}", flush=True)
+    scenario = args.scenario if args.scenario != "auto" else ("svhn" if dataset == "svhn" else "cifar")
+    for group, key, *_ in jobs:
+        if key in res[group]:
+            print(f"skip {job_title(group, key, res[group][key])}: already in {out}", flush=True)
+    todo, t_start, examples = [j for j in jobs if j[1] not in res[j[0]]], time.time(), []
+    for i, (group, key, fn, settings, norm, bs) in enumerate(todo):
+        t0 = time.time()
+        correct, stats, shown = run_job(model, x_u8, y, fn, key, norm, settings["eps"], bs, args.seed, args.n_show)
+        e = res[group][key] = {**settings, **stats, "acc": correct.float().mean().item(), "correct": bits(correct),
+                               "pert": norm or "linf (latent-bounded)", "time_s": time.time() - t0}
+        res.update(pending=[f"{g}/{k}" for g, k, *_ in todo[i + 1:]], complete=i + 1 == len(todo))
+        write_outputs(res, out, y, num_classes, scenario, args.lp_source)   # after EVERY attack: a crash keeps it
+        examples.append((job_title(group, key, e), shown))
+        elapsed = time.time() - t_start   # ETA: mean time of the finished attacks x attacks left
+        print(f"[{i + 1}/{len(todo)}] {examples[-1][0]:<36} acc {e['acc']:.4f} | max pert {e['max_pert']:.4g} "
+              f"({e['pert']}) | {hms(e['time_s'])} | elapsed {hms(elapsed)} | ETA "
+              f"{hms(elapsed / (i + 1) * (len(todo) - i - 1))}", flush=True)
+    res.update(pending=[], complete=True)
+    text = write_outputs(res, out, y, num_classes, scenario, args.lp_source)
+    print(f"\n{text}" + (f"\nwritten: {out}, {out.with_suffix('.md')}" if out else ""), flush=True)
+    if args.save_examples and examples:   # row 0 the clean images, then one row per attack run
+        from torchvision.utils import save_image   # only here: eval.py needs torchvision for this option alone
+        save_image(torch.cat([to_float(x_u8[: args.n_show]).cpu()] + [r for _, r in examples]), args.save_examples,
+                   nrow=min(args.n_show, len(y)), padding=2, pad_value=1.0)
+        print(f"examples: {args.save_examples} (rows: clean, {', '.join(t for t, _ in examples)})", flush=True)
+    return res
 
 
-def load_test_set(args, dataset, device):
-    """The first --n-examples test images (uint8) and labels, through the shared data block; and the set's size."""
-    data = make_datasets(argparse.Namespace(dataset=dataset, data_dir=args.data_dir, download=args.download,
-                                            train_subset=0, test_subset=0, input_norm="dataset"), torch.device("cpu"))
-    n = args.n_examples
-    return data["test_x"][:n].to(device), data["test_y"][:n].to(device), len(data["test_y"])
-
-
-def start_results(args, out, header, jobs):
-    """A fresh results dict, or (--resume) the one in `out` after checking it was made with the same settings."""
-    res = {**header, "attacks": {}, "pgd": {}, "autoattack": {}}
-    if not out.exists():
+def start_results(args, out, jobs, res):
+    """res with empty groups, or (--resume) the finished entries of `out` after checking they fit this run."""
+    res.update({g: {} for g in GROUPS})
+    if out is None or not out.exists():
         return res
-    if not args.resume and not args.overwrite:
+    if not (args.resume or args.overwrite):
         raise FileExistsError(f"{out} exists; continue it with --resume, replace it with --overwrite, or choose "
                               f"another --out")
     if not args.resume:
@@ -585,120 +604,42 @@ def start_results(args, out, header, jobs):
         if old.get(key) != res[key]:
             raise ValueError(f"--resume: {out} has {key} = {old.get(key)!r}, this run {res[key]!r}; use another --out")
     for group, key, _, settings, _, _ in jobs:
-        done = old[group].get(key)
-        if done is not None and done["kwargs"] != json.loads(json.dumps(settings["kwargs"])):
-            raise ValueError(f"--resume: {group}/{key} in {out} was run with {done['kwargs']}, this run asks for "
-                             f"{settings['kwargs']}; use another --out")
-    res.update({g: old[g] for g in ("attacks", "pgd", "autoattack")}, clean_correct=old["clean_correct"])
-    print(f"resuming {out}: {sum(len(old[g]) for g in ('attacks', 'pgd', 'autoattack'))} entries done", flush=True)
+        if key in old[group] and old[group][key]["kwargs"] != json.loads(json.dumps(settings["kwargs"])):
+            raise ValueError(f"--resume: {group}/{key} in {out} was run with {old[group][key]['kwargs']}, this run "
+                             f"asks for {settings['kwargs']}; use another --out")
+    res.update({g: old[g] for g in GROUPS}, clean_correct=old["clean_correct"])
+    print(f"resuming {out}: {sum(len(old[g]) for g in GROUPS)} entries done", flush=True)
     return res
 
 
 def main(args):
-    try:   # the table modes: a foreign or incomplete file is a user error, one line
+    """The CLI: render tables (--compare, --aggregate, --tradeoff), or build --ckpt's model and evaluate it."""
+    try:   # user errors (a foreign file, weights that do not fit a flag, ...): one line, exit 2
         if args.compare:
-            text = compare(args.compare, args.labels)
-            print(text)
+            print(text := compare(args.compare, args.labels))
             return text
         if args.aggregate or args.tradeoff:
             text, table = aggregate_seeds(args.aggregate) if args.aggregate else \
                 tradeoff_matrix(args.tradeoff, args.tradeoff_sequential)
-    except (ValueError, OSError) as e:
+            print(text)
+            if args.out:
+                write_text(Path(args.out).with_suffix(".md"), text + "\n")
+                write_json(Path(args.out).with_suffix(".json"), table)
+            return table
+        ckpt = load_checkpoint(args.ckpt)
+        meta = ckpt if isinstance(ckpt, dict) and "arch" in ckpt else {}
+        dataset = args.dataset or meta.get("dataset", "cifar10")
+        ds = DATASETS[dataset]   # our model's normalisation: the flag, else the metadata, else the dataset's
+        mean, std = {"dataset": (ds["mean"], ds["std"]), "none": ((0.0,) * 3, (1.0,) * 3),
+                     None: (None, None) if meta else (ds["mean"], ds["std"])}[args.input_norm]
+        model = build_model_from_ckpt(args.ckpt, "cpu", args.width, args.activation, args.num_classes, mean, std,
+                                      arch=args.arch, arch_kwargs=args.arch_kwargs)
+    except (ValueError, OSError, ImportError) as e:
         make_parser().error(str(e))
-    if args.aggregate or args.tradeoff:
-        print(text)
-        if args.out:
-            Path(args.out).with_suffix(".md").write_text(text + "\n")
-            write_json(Path(args.out).with_suffix(".json"), table)
-        return table
-    seed_everything(args.seed, args.deterministic)
-    device = pick_device(args.device)
-    ckpt = load_checkpoint(args.ckpt)
-    meta = ckpt if isinstance(ckpt, dict) and "arch" in ckpt else {}
-    dataset = args.dataset or meta.get("dataset", "cifar10")
-    eps_table = load_eps_table(args.eps_table)
-    out = Path(args.out) if args.out else Path(args.ckpt).parent / "eval.json"
-    print(f"output: {out}", flush=True)
-
-    model = load_model(args, meta, dataset, device)
-    x_u8, y, n_total = load_test_set(args, dataset, device)
-    num_classes = model.linear.out_features
-    if int(y.max()) >= num_classes:
-        raise ValueError(f"the model has {num_classes} classes but {dataset} labels go up to {int(y.max())}")
-    scenario = args.scenario if args.scenario != "auto" else ("svhn" if dataset == "svhn" else "cifar")
-    jobs = make_jobs(args, dataset, eps_table)
-    header = {"format": FORMAT, "ckpt": str(Path(args.ckpt).resolve()), "dataset": dataset, "n": len(y),
-              "seed": args.seed, "batch_size": args.batch_size,
-              "label": args.label or Path(args.ckpt).resolve().parent.name,
-              "data_label": f"first {len(y)} of the {n_total} {DATASET_NAMES.get(dataset, dataset)} test images"
-                            f"{' under ' + args.data_dir if dataset != 'fake' else ''}",
-              "model": {"width": model.conv1.out_channels, "num_classes": num_classes,
-                        "activation": "softplus" if isinstance(model.layer1[0].act, nn.Softplus) else "relu",
-                        "mean": model.normalize.mean.flatten().tolist(),
-                        "std": model.normalize.std.flatten().tolist()},
-              "config": {"attacks": args.attacks, "level": args.level, "steps": args.steps, "eps_table": eps_table,
-                         "aa_version": args.aa_version, "caat_pgd": args.caat_pgd, "lp_source": args.lp_source}}
-    res = start_results(args, out, header, jobs)
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-    clean = evaluate(model, x_u8, y, {}, args.batch_size, args.seed)["correct"]["clean"].cpu()
-    if "clean_correct" in res and res["clean_correct"] != bits(clean):
-        raise ValueError(f"--resume: the clean predictions differ from those in {out} (another model or data?)")
-    res.update(clean_acc=clean.float().mean().item(), clean_correct=bits(clean))
-    print(f"{res['data_label']}: clean accuracy {res['clean_acc']:.4f}", flush=True)
-    for group, key, _, _, _, _ in jobs:
-        if key in res[group]:
-            print(f"skip {job_title(group, key, res[group][key])}: already in {out}", flush=True)
-    todo = [j for j in jobs if j[1] not in res[j[0]]]
-
-    t_start, examples = time.time(), []
-    for i, (group, key, fn, settings, norm, bs) in enumerate(todo):
-        t0 = time.time()
-        correct, stats, shown = run_job(model, x_u8, y, fn, key, norm, settings["eps"], bs, args.seed, args.n_show)
-        res[group][key] = {**settings, "acc": correct.float().mean().item(), "pert": norm or "linf (latent-bounded)",
-                           **stats, "time_s": time.time() - t0, "correct": bits(correct)}
-        res["pending"] = [f"{g}/{k}" for g, k, *_ in todo[i + 1:]]
-        res["complete"] = not res["pending"]
-        write_outputs(res, out, y, num_classes, scenario, args.lp_source)   # after EVERY attack: a crash keeps it
-        title = job_title(group, key, res[group][key])
-        if shown is not None:
-            examples.append((title, shown))
-        elapsed = time.time() - t_start
-        eta = elapsed / (i + 1) * (len(todo) - i - 1)   # mean time of the finished attacks x attacks left
-        print(f"[{i + 1}/{len(todo)}] {title:<36} acc {res[group][key]['acc']:.4f} | max pert "
-              f"{stats['max_pert']:.4g} ({res[group][key]['pert']}) | {hms(time.time() - t0)} | elapsed "
-              f"{hms(elapsed)} | ETA {hms(eta)}", flush=True)
-    res.update(pending=[], complete=True)
-    text = write_outputs(res, out, y, num_classes, scenario, args.lp_source)
-    print(f"\n{text}\nwritten: {out}, {out.with_suffix('.md')}", flush=True)
-    if args.save_examples and examples:
-        save_examples(args.save_examples, x_u8[: args.n_show].float().div(255), examples, args.n_show)
-    return res
-
-
-def write_outputs(res, out, y, num_classes, scenario, lp_source):
-    """Recompute the aggregates, write eval.json atomically and eval.md next to it; returns the markdown."""
-    summarize(res, y, num_classes, scenario, lp_source)
-    write_json(out, res)
-    text = markdown([res], [res["label"]])
-    md = out.with_suffix(".md")
-    tmp = md.with_name(md.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, md)
-    return text
-
-
-def build_model_from_ckpt(path, device="cpu", width=None, activation=None, num_classes=None, mean=None, std=None):
-    """Rebuild a model from a model.pt / ckpt.pt (metadata) or a plain state_dict (pass width etc.); eval mode."""
-    ckpt = load_checkpoint(path)
-    meta = ckpt if isinstance(ckpt, dict) and "arch" in ckpt else {}
-    if meta and meta["arch"] != "preact_resnet18":
-        raise ValueError(f"{path}: unknown arch {meta['arch']!r}; this code builds preact_resnet18")
-    model = build_model(num_classes or meta.get("num_classes", 10), mean or meta.get("mean", (0.0, 0.0, 0.0)),
-                        std or meta.get("std", (1.0, 1.0, 1.0)), width or meta.get("width", 64),
-                        activation or meta.get("activation", "relu"))
-    load_weights(model, path)
-    return model.to(device).eval()
+    try:   # an error raised by an attack is not caught here: a bug, to be seen in full
+        return evaluate_model(model, **{**vars(args), "dataset": dataset})
+    except UsageError as e:
+        make_parser().error(str(e))
 
 
 # ==== BEGIN SHARED: setup (canonical: cas.py; copies: caat_meta.py, caat_reinforce.py, eval.py) ====

@@ -1,7 +1,8 @@
 """eval.py end to end on a tiny cas.py checkpoint (fake data, CPU), and its pieces on hand-made inputs.
 
-A tiny model.pt is made once by running cas.py as a subprocess; eval.py then runs as a user would run it. The
-sanity check, the CAAT class-wise metrics, --level handling and --compare are called directly (import eval).
+A tiny model.pt is made once by running cas.py as a subprocess; eval.py then runs as a user would run it, also on
+foreign checkpoints (a PreActResNet-18 state_dict of another width, a user's own class via --arch). The sanity
+check, the CAAT class-wise metrics, --level handling, --compare and evaluate_model are called directly (import eval).
 """
 
 import contextlib
@@ -12,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 import types
 import unittest
 from pathlib import Path
@@ -23,6 +25,8 @@ import eval as ev
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--n-examples", "16", "--steps", "1", "--batch-size", "8", "--device", "cpu"]
+FAST8 = ["--n-examples", "8", "--steps", "1", "--batch-size", "8", "--device", "cpu", "--dataset", "fake",
+         "--attacks", "linf", "--caat-pgd", ""]
 
 
 def run(*argv, ok=True):
@@ -40,7 +44,8 @@ class TestEvalScript(unittest.TestCase):
         proc = subprocess.run(
             [sys.executable, str(ROOT / "cas.py"), "--dataset", "fake", "--device", "cpu", "--width", "8",
              "--pretrain-epochs", "1", "--epochs", "0", "--max-steps", "1", "--attack-steps", "1",
-             "--eval-attack-steps", "1", "--eval-examples", "8", "--attacks", "linf", "--out-dir", str(cls.tmp / "run")],
+             "--eval-attack-steps", "1", "--eval-examples", "8", "--attacks", "linf",
+             "--out-dir", str(cls.tmp / "run")],
             capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert proc.returncode == 0, proc.stderr
         cls.ckpt = cls.tmp / "run" / "model.pt"
@@ -95,9 +100,77 @@ class TestEvalScript(unittest.TestCase):
         r = json.loads(out.read_text())
         self.assertEqual(r["clean_correct"], self.res["clean_correct"])   # same weights, same mean/std (fake's)
         self.assertEqual(r["attacks"]["linf"]["correct"], self.res["attacks"]["linf"]["correct"])
-        proc = run("--ckpt", plain, "--out", self.tmp / "foreign2.json", "--dataset", "fake", *FAST, ok=False)
-        self.assertNotEqual(proc.returncode, 0)
-        self.assertIn("check --width", proc.stderr)                      # width 64 does not fit
+        proc = run("--ckpt", plain, "--out", self.tmp / "foreign2.json", "--width", "64", *FAST8, ok=False)
+        self.assertEqual(proc.returncode, 2)                              # a flag that does not fit: one line
+        self.assertIn("--width 64 does not fit the weights", proc.stderr)
+        self.assertIn("width 8", proc.stderr)
+        self.assertNotIn("Traceback", proc.stderr)
+
+    def test_foreign_width16_inferred_from_the_weights(self):
+        """A colleague's PreActResNet-18 (width 16, {"state_dict": ...} with a `module.` prefix) loads with no model
+        flag, says what it inferred, and scores as the same weights loaded our way (evaluate_model, in-process)."""
+        torch.manual_seed(0)
+        fake = ev.DATASETS["fake"]
+        ours = ev.build_model(10, fake["mean"], fake["std"], width=16)
+        for m in ours.modules():   # non-trivial BN statistics, so that a wrong load would show
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+        path = self.tmp / "colleague" / "preact16.pt"
+        path.parent.mkdir()
+        torch.save({"state_dict": {"module." + k: v for k, v in ours.state_dict().items()}, "epoch": 3}, path)
+        proc = run("--ckpt", path, *FAST8)
+        self.assertIn("inferred from the weights: width 16, 10 classes", proc.stdout)
+        r = json.loads((path.parent / "eval.json").read_text())
+        self.assertEqual((r["model"]["width"], r["model"]["num_classes"]), (16, 10))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)   # as the subprocess (OMP_NUM_THREADS=1): bitwise the same arithmetic
+        try:
+            want = ev.evaluate_model(ours, dataset="fake", attacks="linf", caat_pgd="", n_examples=8, steps=1,
+                                     batch_size=8, device="cpu")
+        finally:
+            torch.set_num_threads(threads)
+        for key in ("clean_acc", "clean_correct", "avg_robust"):
+            self.assertEqual(r[key], want[key], key)
+        self.assertEqual(r["attacks"]["linf"]["correct"], want["attacks"]["linf"]["correct"])
+        with self.assertRaisesRegex(TypeError, "unknown options"):
+            ev.evaluate_model(ours, dataset="fake", n_exemples=8)
+
+    def test_any_architecture_from_a_file(self):
+        """--arch path/to/file.py:Class (+ --arch-kwargs): the user's own class, its state_dict loaded into it."""
+        src = self.tmp / "user_code" / "tiny_net.py"
+        src.parent.mkdir()
+        src.write_text(textwrap.dedent("""
+            import torch.nn as nn
+
+
+            class Net(nn.Module):
+                def __init__(self, hidden=4):
+                    super().__init__()
+                    self.body = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, hidden), nn.ReLU(),
+                                              nn.Linear(hidden, 10))
+
+                def forward(self, x):   # x in [0, 1]: normalisation is the model's own business
+                    return self.body(x - 0.5)
+            """))
+        scope = {}
+        exec(src.read_text(), scope)
+        torch.manual_seed(0)
+        net = scope["Net"](hidden=6).eval()
+        ckpt = self.tmp / "user_code" / "net.pt"
+        torch.save({"module." + k: v for k, v in net.state_dict().items()}, ckpt)
+        out = self.tmp / "user_code" / "eval.json"
+        run("--ckpt", ckpt, "--arch", f"{src}:Net", "--arch-kwargs", '{"hidden": 6}', "--out", out, *FAST8)
+        r = json.loads(out.read_text())
+        x_u8, y = ev.fake_split(ev.FAKE_SIZES[1], 1)
+        with torch.no_grad():
+            self.assertEqual(r["clean_correct"], ev.bits(net(ev.to_float(x_u8[:8])).argmax(1) == y[:8]))
+        self.assertEqual(r["model"], {"arch": f"{src}:Net", "num_classes": 10})
+        self.assertEqual(len(r["attacks"]["linf"]["correct"]), 8)
+        proc = run("--ckpt", ckpt, "--arch", f"{src}:Net", *FAST8, ok=False)   # hidden 4: the weights do not fit
+        self.assertEqual(proc.returncode, 2)
+        self.assertIn("does not fit --arch", proc.stderr)
+        self.assertNotIn("Traceback", proc.stderr)
 
     def test_resume_skips_finished_and_reseeding(self):
         out = self.tmp / "resume" / "eval.json"
