@@ -67,6 +67,19 @@ class TestStructure(unittest.TestCase):
         for n in sorted(set(re.findall(r"\bD(\d+)\b", code)), key=int):
             self.assertIn(f"**D{n} ", readme, f"cas.py cites README D{n}, which the README does not define")
 
+    def test_every_cited_readme_detail_exists(self):
+        """Every "README D<n>" that any script or attack module cites is defined in the README (as **D<n> ...)."""
+        readme = (ROOT / "README.md").read_text()
+        for p in sorted(ROOT.glob("*.py")) + sorted((ROOT / "attacks").glob("*.py")):
+            for n in sorted(set(re.findall(r"README D(\d+)", p.read_text())), key=int):
+                with self.subTest(file=p.name, detail=n):
+                    self.assertIn(f"**D{n} ", readme, f"{p.name} cites README D{n}, which the README does not define")
+
+    def test_caat_deviations_are_marked(self):
+        for name in ("caat_meta.py", "caat_reinforce.py"):
+            with self.subTest(script=name):
+                self.assertGreaterEqual((ROOT / name).read_text().count("# DEVIATION"), 2)
+
     def test_readme_attack_table_matches_registry(self):
         readme = (ROOT / "README.md").read_text()
         section = readme.split("<!-- attack-table -->")[1].split("<!-- /attack-table -->")[0]
