@@ -7,16 +7,20 @@ Monte Carlo in R^d for the Gaussian cases), compares it with the closed form and
 Verdicts HOLDS, HOLDS-AFTER-FIX (fix named), FAILS (counterexample); exit status 1 if one differs from `expected`.
 
 Usage:
-    python theory.py                    # full grids, prints the table (< 1 min on 2 CPU cores)
+    python theory.py                    # full grids: one verdict per claim, short notes (< 1 min, 2 cores)
     python theory.py --quick            # small grids and sample sizes (a few seconds; used by the tests)
+    python theory.py --notes            # print each note in full (plus reading, closed form, numeric, grid)
     python theory.py --json out.json    # also write the records as a JSON list
+The console ends with "N hold, M hold after a fix, K fail"; no printed line exceeds 100 characters.
 """
 
 import argparse
 import json
 import math
 import sys
+import textwrap
 import time
+from collections import Counter
 from functools import partial
 from itertools import product
 
@@ -24,6 +28,8 @@ import numpy as np
 from scipy import integrate, optimize, special, stats
 
 VERDICTS = ("HOLDS", "HOLDS-AFTER-FIX", "FAILS")
+VERDICT_WORDS = dict(zip(VERDICTS, ("hold", "hold after a fix", "fail")))  # closing count line
+WIDTH, NOTE_LINES = 100, 3  # console: max characters per line; note lines per claim without --notes
 TOL_OPT = 1e-9  # t* = brentq root of the exact slope: class errors off by < 1e-13, ~1e6 below any finding
 Z_MC, MC_FLOOR = 4.5, 1e-4  # |closed - MC| < 4.5 SE: family-wise false alarms < 1e-3; floor for errors ~0
 TOL_MONO = 1e-11  # a step of |gap| counts as an increase above this (optimiser noise < 1e-13)
@@ -863,11 +869,15 @@ CHECKS = [  # (record id, check function); every check takes (grids, rng) and re
 
 
 def main(argv=None):
-    """Run the checks, print the table (then one note per claim), optionally write JSON; 0 iff no verdict changed."""
+    """Run the checks, print one verdict per claim (short notes) and the counts, optionally write JSON.
+
+    Returns 0 iff no verdict changed."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action=argparse.BooleanOptionalAction, default=False,
                         help="small grids and sample sizes (a few seconds; for the tests)")
+    parser.add_argument("--notes", action=argparse.BooleanOptionalAction, default=False,
+                        help=f"print each note in full (else cut to {NOTE_LINES} lines), with reading and grid")
     parser.add_argument("--json", type=str, default="", help="also write the records to this path")
     parser.add_argument("--seed", type=int, default=0, help="seed of every Monte-Carlo draw")
     args = parser.parse_args(argv)
@@ -875,22 +885,29 @@ def main(argv=None):
     for k, (id_, check) in enumerate(CHECKS):
         records.append(check(grids, np.random.default_rng([args.seed, k])))  # one stream per check: order-free
         assert records[-1]["id"] == id_
-    print(f"theory.py audit ({'quick' if args.quick else 'full'} grids), {time.time() - start:.1f} s\ngrids: "
-          + ", ".join(f"{k}={v}" for k, v in grids.items()) + "\n")
-    cols = ("id", "claim", "reading", "closed_form", "numeric", "max_abs_error", "tolerance", "verdict")
-    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    out = lambda text, indent="    ", first="", lines=None: print(textwrap.fill(  # every line <= WIDTH chars
+        text, WIDTH, initial_indent=first, subsequent_indent=indent, max_lines=lines, placeholder=" [...]"))
+    print(f"theory.py audit ({'quick' if args.quick else 'full'} grids), {time.time() - start:.1f} s")
+    out("grids: " + ", ".join(f"{k}={v}" for k, v in grids.items()))
+    if not args.notes:
+        out(f"(notes cut to {NOTE_LINES} lines: --notes prints them whole, --json PATH writes every field)")
     fmt = lambda x: f"{x:.3g}" if isinstance(x, (float, int, np.floating)) else str(x)
     for r in records:
         flag = "" if r["verdict"] == r["expected"] else f" (CHANGED, expected {r['expected']})"
-        print("| " + " | ".join(fmt(r[c]).replace("|", "\\|") for c in cols[:-1]) + f" | {r['verdict']}{flag} |")
-    print("\n" + "\n".join(f"[{r['id']}] {r['verdict']}. grid: {r['grid']}\n    {r['note']}" for r in records))
+        out(f"[{r['id']}] {r['verdict']}{flag}: {r['claim']}", first="\n")
+        more = (f" Reading: {r['reading']}. Closed form: {fmt(r['closed_form'])}; numeric: "
+                f"{fmt(r['numeric'])}. Grid: {r['grid']}.") if args.notes else ""
+        out(f"error {fmt(r['max_abs_error'])} (tolerance {fmt(r['tolerance'])}). {r['note']}{more}",
+            first="    ", lines=None if args.notes else NOTE_LINES)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(records, fh, indent=2, sort_keys=True,
                       default=lambda o: o.item() if hasattr(o, "item") else str(o))
     changed = [r["id"] for r in records if r["verdict"] != r["expected"]]
     if changed:
-        print(f"\nVERDICT CHANGED for {changed}: the code or the numerics changed; investigate.")
+        out(f"VERDICT CHANGED for {changed}: the code or the numerics changed; investigate.", first="\n")
+    counts = Counter(r["verdict"] for r in records)  # record() admits only the three VERDICTS
+    print("\n" + ", ".join(f"{counts[v]} {VERDICT_WORDS[v]}" for v in VERDICTS))
     return 1 if changed else 0
 
 

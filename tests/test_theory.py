@@ -5,8 +5,12 @@ of the paper's formula); the check must then report an error above its tolerance
 than the recorded one -- otherwise the audit could not detect a wrong formula.
 """
 
+import contextlib
+import functools
+import io
 import json
 import math
+import re
 import sys
 import tempfile
 import unittest
@@ -20,6 +24,16 @@ import theory  # noqa: E402
 QUICK = theory.make_grids(quick=True)
 
 
+@functools.lru_cache(maxsize=None)
+def quick_run():
+    """One in-process `theory.py --quick --json ...` run, shared by the tests: (exit status, records, stdout)."""
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()) as out:
+        path = Path(tmp) / "theory.json"
+        status = theory.main(["--quick", "--json", str(path)])
+        records = json.loads(path.read_text())
+    return status, records, out.getvalue()
+
+
 def scaled(closed_form, factor):
     """A closed form whose class-wise errors are multiplied by `factor` (a deliberately wrong formula)."""
     def wrong(*args, **kwargs):
@@ -29,10 +43,8 @@ def scaled(closed_form, factor):
 
 class TestQuickAudit(unittest.TestCase):
     def test_quick_run_reproduces_recorded_verdicts(self):
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "theory.json"
-            self.assertEqual(theory.main(["--quick", "--json", str(path)]), 0)
-            records = json.loads(path.read_text())
+        status, records, _ = quick_run()
+        self.assertEqual(status, 0)
         ids = [r["id"] for r in records]
         self.assertEqual(ids, [i for i, _ in theory.CHECKS])
         for required in ["caat_thm%d" % k for k in range(1, 7)] + ["caat_cor%d" % k for k in range(1, 8)] + [
@@ -49,14 +61,28 @@ class TestQuickAudit(unittest.TestCase):
                 if r["verdict"] == "HOLDS":
                     self.assertLessEqual(r["max_abs_error"], r["tolerance"])
 
+    def test_console_output_is_short_and_ends_with_the_counts(self):
+        _, records, text = quick_run()
+        lines = text.splitlines()
+        self.assertEqual([ln for ln in lines if len(ln) > 100], [])
+        heads = [m.group(1) for m in map(re.compile(r"^\[\w+\] ([A-Z-]+)\b").match, lines) if m]
+        self.assertEqual(heads, [r["verdict"] for r in records])  # one headline per claim, in order
+        last = re.match(r"^(\d+) hold, (\d+) hold after a fix, (\d+) fail$", lines[-1])
+        self.assertIsNotNone(last, lines[-1])
+        self.assertEqual([int(n) for n in last.groups()], [heads.count(v) for v in theory.VERDICTS])
+        self.assertEqual(sum(int(n) for n in last.groups()), len(heads))
+
     def test_exit_status_catches_a_changed_verdict(self):
         original = theory.CHECKS
         bad = lambda grids, rng: dict(theory.check_caat_thm2(grids, rng), expected="FAILS")
         theory.CHECKS = [("caat_thm2", bad)]
         try:
-            self.assertEqual(theory.main(["--quick"]), 1)
+            with contextlib.redirect_stdout(io.StringIO()) as out:
+                self.assertEqual(theory.main(["--quick"]), 1)
         finally:
             theory.CHECKS = original
+        self.assertIn("VERDICT CHANGED for ['caat_thm2']", out.getvalue())
+        self.assertEqual(out.getvalue().splitlines()[-1], "1 hold, 0 hold after a fix, 0 fail")
 
 
 class TestChecksCanFail(unittest.TestCase):
