@@ -919,7 +919,7 @@ def run_info(device: torch.device) -> dict:
 
 def append_jsonl(path, record):
     with open(path, "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
+        f.write(json.dumps(strict_json(record), sort_keys=True, allow_nan=False) + "\n")
 
 
 def save_checkpoint(path, obj):
@@ -1205,8 +1205,17 @@ def write_text(path, text):
     os.replace(tmp, path)
 
 
+def strict_json(obj):
+    """obj with NaN / inf floats as None: strict JSON readers (jq, JavaScript) reject NaN, and it reads as null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    return [strict_json(v) for v in obj] if isinstance(obj, (list, tuple)) else obj
+
+
 def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    write_text(path, json.dumps(strict_json(obj), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n")
 
 
 def load_checkpoint(path):

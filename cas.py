@@ -21,6 +21,7 @@ import math
 import os
 import random
 import sys
+import textwrap
 import time
 from collections import deque
 from fractions import Fraction
@@ -448,6 +449,7 @@ def main(args):
         truncate_log(out_dir / "log.jsonl", state["step"])
     elif args.init_ckpt:
         load_weights(model, args.init_ckpt)
+    warn_if_slow(model, data, args, stages, device)
     t_start = time.time() - state["wall_s"]
 
     for s_idx in range(state["stage"], len(stages)):
@@ -484,6 +486,24 @@ def main(args):
     return finish(model, data, stages[-1], args, state, out_dir, time.time() - t_start)
 
 
+def warn_if_slow(model, data, args, stages, device):
+    """On a CPU with real data: one line with the expected training time when it exceeds an hour (a timed
+    forward+backward pass x (attack steps + 1) passes per iteration x iterations; evaluation not counted)."""
+    if device.type != "cpu" or args.dataset == "fake":
+        return
+    x, y = to_float(data["train_x"][: args.batch_size]), data["train_y"][: args.batch_size]
+    for _ in range(2):   # the second pass is timed (the first warms up)
+        t0 = time.time()
+        F.cross_entropy(model(x), y).backward()
+    model.zero_grad(set_to_none=True)
+    iters = sum(st.epochs for st in stages) * math.ceil(len(data["train_y"]) / args.batch_size)
+    hours = (time.time() - t0) * (args.attack_steps + 1) * min(iters, args.max_steps * len(stages) or iters) / 3600
+    if hours > 1:
+        print(f"warning: about {hours:.0f} h of training on this CPU (width {args.width}, {len(data['train_y'])} "
+              f"images, {sum(st.epochs for st in stages)} epochs);\n  paper scale needs a GPU; a CPU-scale run: "
+              f"--width 16 --train-subset 5000 --epochs 2 (README)", flush=True)
+
+
 def begin_finetune(model, data, stage, args, state, out_dir):
     """Before Alg. 1: calibrate the semantic budgets (Eq. 11, --calibrate) on the first training images, then
     evaluate the starting model (epoch 0 of log.jsonl, "initial" of results.json)."""
@@ -504,7 +524,9 @@ def train_epoch(model, optimizer, scheduler, sampler, arms, stage, data, data_ge
 
     Returns the epoch's log record (time/train_s: the training loop alone) and whether the stage ends with it."""
     t0, seen, window = time.time(), [], []
-    epoch, stage_step = state["epoch"], state["epoch"] * math.ceil(len(data["train_y"]) / args.batch_size)
+    per_epoch = math.ceil(len(data["train_y"]) / args.batch_size)
+    epoch, stage_step = state["epoch"], state["epoch"] * per_epoch
+    n_iter = min(per_epoch, args.max_steps - stage_step) if args.max_steps else per_epoch
     for x, y in iterate_batches(data["train_x"], data["train_y"], args.batch_size, data_gen, augment=data["augment"]):
         s = train_step(model, optimizer, x, y, arms, stage.weights, sampler, stage.beta, args.amp)
         scheduler.step()
@@ -514,6 +536,11 @@ def train_epoch(model, optimizer, scheduler, sampler, arms, stage, data, data_ge
         if args.interrupt_at_step and state["step"] == args.interrupt_at_step:
             print(f"--interrupt-at-step {args.interrupt_at_step}: simulated crash", flush=True)
             sys.exit(3)
+        if len(seen) % args.log_every == 0 and len(seen) < n_iter:   # progress, with rate and ETA
+            rate, left = len(seen) / (time.time() - t0), (args.max_steps or stage.epochs * per_epoch) - stage_step
+            print(f"  {stage.name} epoch {epoch + 1}/{stage.epochs} | it {len(seen)}/{n_iter} | {rate:.2f} it/s | "
+                  f"loss {sum(w['loss'] for w in seen[-args.log_every:]) / args.log_every:.3f} | ETA epoch "
+                  f"{hms((n_iter - len(seen)) / rate)}, {stage.name} {hms(left / rate)}", flush=True)
         if sampler is not None and len(window) == args.log_every:
             append_jsonl(out_dir / "log.jsonl", {"kind": "bandit", "phase": stage.name, "epoch": epoch + 1,
                                                  "step": state["step"], **bandit_state(sampler, stage.attacks),
@@ -543,8 +570,17 @@ def finish(model, data, stage, args, state, out_dir, wall_s):
                "attacks": stage.attacks, "weights": stage.weights, "sampler": args.sampler,
                "eval_examples": len(data["test_y"]), "eps_table": state["eps_table"]}
     write_json(out_dir / "results.json", results)
-    print(f"done: fine-tuning {results['time/train_s']:.1f}s of training, {wall_s:.1f}s in all; "
-          f"{out_dir / 'results.json'}", flush=True)
+    before, after = results["initial"] or {}, results["final"] or {}
+    rows = [("clean", "clean"), ("avg robust", "avg_robust")] + [(n, n) for n in stage.attacks]
+    get = lambda r, k: r.get("attacks", {}).get(k, r.get(k)) if r else None   # noqa: E731
+    print(f"\ntest accuracy, first {len(data['test_y'])} test images (attacks at --eval-attack-steps "
+          f"{args.eval_attack_steps}):\n{'':14s} {'before':>8s} {'after':>8s} {'change':>8s}", flush=True)
+    for label, key in rows:
+        b, a = get(before, key), get(after, key)
+        cells = [f"{v:8.3f}" if v is not None else f"{'-':>8s}" for v in (b, a)]
+        print(f"{label:14s} {' '.join(cells)} " + (f"{a - b:+8.3f}" if None not in (a, b) else ""), flush=True)
+    print(f"done in {hms(wall_s)} (fine-tuning: {hms(results['time/train_s'])} of training): {out_dir}/results.json"
+          f"\nfull evaluation of the model: python eval.py --ckpt {out_dir}/model.pt", flush=True)
     return results
 
 
@@ -578,14 +614,22 @@ def evaluate_and_log(model, data, arms, stage, args, out_dir, record):
 
 
 def log_epoch(out_dir, rec):
+    """One log.jsonl line; on the console the epoch's line, then its per-attack test accuracies (wrapped)."""
     append_jsonl(out_dir / "log.jsonl", rec)
-    train = f"train loss {rec['train/loss']:.3f} ({rec['time/train_s']:.1f}s)" if "train/loss" in rec else None
+    train = f"train loss {rec['train/loss']:.3f} ({hms(rec['time/train_s'])})" if "train/loss" in rec else None
     parts = [f"{rec['phase']} epoch {rec['epoch']}", f"step {rec['step']}", train or "starting model"]
     if "test/acc_clean" in rec:
-        accs = " ".join(f"{k[len('test/acc/'):]} {v:.3f}" for k, v in rec.items() if k.startswith("test/acc/"))
-        parts += [f"test clean {rec['test/acc_clean']:.3f} {accs}",
-                  f"avg robust {rec['test/avg_robust']:.3f} ({rec['time/eval_s']:.1f}s)"]
+        parts += [f"clean {rec['test/acc_clean']:.3f}", f"avg robust {rec['test/avg_robust']:.3f}",
+                  f"eval {hms(rec['time/eval_s'])}"]
     print(" | ".join(parts), flush=True)
+    accs = " ".join(f"{k[len('test/acc/'):]} {v:.3f}" for k, v in rec.items() if k.startswith("test/acc/"))
+    if accs:
+        print(textwrap.fill(accs, 100, initial_indent="    ", subsequent_indent="    "), flush=True)
+
+
+def hms(seconds):
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}h{m % 60:02d}m{s:02d}s" if m >= 60 else (f"{m}m{s:02d}s" if m else f"{seconds:.1f}s")
 
 
 def model_meta(args, data, stage, eps_table=None):
@@ -729,7 +773,7 @@ def run_info(device: torch.device) -> dict:
 
 def append_jsonl(path, record):
     with open(path, "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
+        f.write(json.dumps(strict_json(record), sort_keys=True, allow_nan=False) + "\n")
 
 
 def save_checkpoint(path, obj):
@@ -1034,8 +1078,17 @@ def write_text(path, text):
     os.replace(tmp, path)
 
 
+def strict_json(obj):
+    """obj with NaN / inf floats as None: strict JSON readers (jq, JavaScript) reject NaN, and it reads as null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    return [strict_json(v) for v in obj] if isinstance(obj, (list, tuple)) else obj
+
+
 def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    write_text(path, json.dumps(strict_json(obj), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n")
 
 
 def load_checkpoint(path):

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 import attacks
 from attacks import ATTACKS, DEFAULT_EPS, attack_settings, load_eps_table
+from attacks.autoattack import cost as aa_cost
 
 FORMAT, GROUPS, NORMS = 1, ("attacks", "pgd", "autoattack"), ("linf", "l2", "l1")
 P = {"linf": math.inf, "l2": 2.0, "l1": 1.0}
@@ -96,7 +97,8 @@ def make_parser():
       "FAB-T, Square; apgd: APGD-CE + APGD-T (cheaper)")
     a("--aa-batch-size", type=int, default=250, help="images per AutoAttack call")
     a("--aa-queries", type=int, default=5000, help="Square attack queries (AutoAttack: 5000)")
-    a("--caat-pgd", type=str, default="10,20", help="steps of CAAT's PGD evaluations (comma list; empty = none)")
+    a("--caat-pgd", type=str, default="auto", help="steps of CAAT's PGD evaluations (comma list; empty = none; auto: "
+      "10,20 when --attacks is all, else none)")
     a("--caat-eps", type=fraction, default=CAAT_EPS, help="eps of CAAT's PGD (Sec. 6.1)")
     a("--caat-step-size", type=fraction, default=CAAT_STEP, help="step size of CAAT's PGD")
     a = p.add_argument_group("tables and outputs").add_argument
@@ -142,7 +144,8 @@ def check_args(args, need_ckpt=False):
             raise ValueError(f"--{flag.replace('_', '-')} must be >= {low}, got {getattr(args, flag)!r}")
     if any(s.strip() not in NORMS for s in args.autoattack.split(",") if s.strip()):
         raise ValueError(f"--autoattack: unknown norm in {args.autoattack!r}; choose from {', '.join(NORMS)}")
-    if not all(s.strip().isdigit() and int(s) > 0 for s in args.caat_pgd.split(",") if s.strip()):
+    if args.caat_pgd != "auto" and not all(s.strip().isdigit() and int(s) > 0 for s in args.caat_pgd.split(",")
+                                           if s.strip()):
         raise ValueError(f"--caat-pgd must be a comma list of positive step counts, got {args.caat_pgd!r}")
     if not isinstance(args.arch_kwargs, dict):
         raise ValueError(f"--arch-kwargs must be a JSON object, got {args.arch_kwargs!r}")
@@ -270,7 +273,8 @@ def write_outputs(res, out, y, num_classes, scenario, lp_source):
 # ---- tables: CAS Table 1, per attack, AutoAttack (CAAT Tables 3-4), CAAT Tables 1-2; --aggregate, --tradeoff ----
 
 def fmt(v, pct=None):
-    """Table cells: a fraction in % (pct = digits), 8/255 rather than 0.0313725, '–' for None."""
+    """Table cells: a fraction in % (pct = digits), 8/255 rather than 0.0313725, '–' for None / NaN."""
+    v = None if isinstance(v, float) and math.isnan(v) else v
     if v is None or pct is not None:
         return "–" if v is None else f"{100 * v:.{pct}f}"
     if isinstance(v, float) and abs(v * 255 - round(v * 255)) < 1e-6 and len(f"{v:.6g}") > 6:
@@ -479,15 +483,45 @@ def make_jobs(args, dataset, eps_table):
         kw = eval_kwargs(name, dataset, args.level, eps_table, args.steps)
         norm = name if name in NORMS else "lpips" if name == "ppgd" and kw.get("lpips_net", "self") == "self" else None
         jobs.append(job("attacks", name, ATTACKS[name], kw, norm, kw.get("steps")))
-    for k in [int(s) for s in args.caat_pgd.split(",") if s.strip()]:
+    caat_pgd = ("10,20" if args.attacks.strip() == "all" else "") if args.caat_pgd == "auto" else args.caat_pgd
+    for k in [int(s) for s in caat_pgd.split(",") if s.strip()]:
         kw = {"eps": args.caat_eps, "steps": args.steps or k, "step_size": args.caat_step_size * k / (args.steps or k)}
         jobs.append(job("pgd", f"pgd{k}", ATTACKS["linf"], kw, "linf", kw["steps"]))
     for norm in [s.strip() for s in args.autoattack.split(",") if s.strip()]:
         kw = {"norm": norm, "eps": DEFAULT_EPS.get(dataset, DEFAULT_EPS["cifar10"])[norm], "version": args.aa_version,
               "seed": args.seed, "n_queries": args.aa_queries, **({"n_iter": args.steps} if args.steps else {})}
-        jobs.append(job("autoattack", norm, lambda m, x, y, **kw: attacks.autoattack(m, x, y, **kw)[0], kw, norm,
-                        kw.get("n_iter", 100), args.aa_batch_size, version=args.aa_version))
+        jobs.append(job("autoattack", norm, lambda m, x, y, **kw: attacks.autoattack(
+            m, x, y, batch_size=args.aa_batch_size, log=lambda line: print(line, flush=True), **kw)[0], kw, norm,
+            kw.get("n_iter", 100), version=args.aa_version))
     return jobs
+
+
+def job_estimates(model, x_u8, y, clean_correct, jobs, num_classes, batch_size):
+    """Seconds each job should take, from its structure: (input-gradient passes, forward passes) per image times the
+    measured cost of one pass; an attack takes `steps` gradient passes on every image (semantic attacks and PPGD
+    cost more per step: the ETA rescales by the measured times as jobs finish), AutoAttack attacks.autoattack's
+    cost on the clean-correct points (an upper bound)."""
+    if not jobs:
+        return []
+    x = to_float(x_u8[:batch_size]).requires_grad_(True)
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    for _ in range(2):   # the second run is timed (the first warms up)
+        sync(), (t0 := time.perf_counter())
+        with torch.no_grad():
+            model(x)
+        sync(), (t1 := time.perf_counter())
+        torch.autograd.grad(F.cross_entropy(model(x), y[:batch_size]), x)
+        sync(), (t2 := time.perf_counter())
+    t_fwd, t_grad = (t1 - t0) / len(x), (t2 - t1) / len(x)
+    est = []
+    for group, _, _, settings, _, _ in jobs:
+        if group == "autoattack":
+            kw = settings["kwargs"]
+            grad, fwd = aa_cost(kw["norm"], kw["version"], kw.get("n_iter", 100), kw["n_queries"], num_classes)
+            est.append(int(clean_correct.sum()) * (grad * t_grad + fwd * t_fwd))
+        else:
+            est.append(len(y) * max(settings["steps"] or 1, 1) * t_grad)
+    return est
 
 
 def hms(seconds):
@@ -495,10 +529,14 @@ def hms(seconds):
     return f"{m // 60}h{m % 60:02d}m{s:02d}s" if m >= 60 else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
-def run_job(model, x_u8, y, fn, name, norm, eps, batch_size, seed, n_show):
+def run_job(model, x_u8, y, fn, name, norm, eps, batch_size, seed, n_show, whole=False):
     """One attack through the shared `evaluate` (re-seeded), every batch sanity-checked; returns the per-image
-    correctness, the check's stats and the first n_show adversarial images."""
+    correctness, the check's stats and the first n_show adversarial images. whole: fn gets every image at once
+    (AutoAttack batches itself, each component over all images before the next), its output is checked per batch."""
     stats, shown = {"max_pert": 0.0, "x_min": 1.0, "x_max": 0.0, "n_nan": 0}, []
+    if whole:
+        done = iter(fn(model, to_float(x_u8), y).split(batch_size))
+        fn = lambda m, x, y_b: next(done)   # noqa: E731  (evaluate visits the batches in order)
 
     def checked(m, x, y_b):
         x_adv = fn(m, x, y_b)
@@ -535,9 +573,12 @@ def evaluate_model(model, dataset="cifar10", **options):
         if int(y.max()) >= num_classes:
             raise ValueError(f"the model has {num_classes} classes but {dataset} labels go up to {int(y.max())}")
         jobs = make_jobs(args, dataset, eps_table := load_eps_table(args.eps_table))
-        if any(j[4] == "lpips" for j in jobs) and not callable(getattr(model, "features", None)):
-            raise ValueError(f"ppgd measures LPIPS with the model's own features(x), which {type(model).__name__} "
-                             "lacks: leave ppgd out of --attacks")
+        if any(j[4] == "lpips" for j in jobs):   # ppgd's distance: model.features, else maps taken by forward hooks
+            try:
+                with torch.no_grad():
+                    attacks.perceptual.feature_fn(model, "self")(to_float(x_u8[:1]))
+            except ValueError as e:
+                raise ValueError(f"{e} (in eval.py: leave ppgd out of --attacks)") from e
         ckpt = str(Path(args.ckpt).resolve()) if args.ckpt else ""
         out = Path(args.out) if args.out else Path(ckpt).parent / "eval.json" if ckpt else None
         info = {"num_classes": num_classes, **({
@@ -561,23 +602,32 @@ def evaluate_model(model, dataset="cifar10", **options):
         raise UsageError(str(e)) from e
     res["clean_acc"] = first["clean"]
     print(f"output: {out}\n{res['data_label']}: clean accuracy {res['clean_acc']:.4f}", flush=True)
+    if res["clean_acc"] < 0.3 and dataset != "fake":
+        print("  low clean accuracy: if the model expects other inputs, " + ("try --input-norm dataset / none (ours "
+              f"now: mean {info['mean']}, std {info['std']})" if "mean" in info else "it must take [0, 1] images "
+              "and normalise them itself"), flush=True)
     scenario = args.scenario if args.scenario != "auto" else ("svhn" if dataset == "svhn" else "cifar")
     for group, key, *_ in jobs:
         if key in res[group]:
             print(f"skip {job_title(group, key, res[group][key])}: already in {out}", flush=True)
     todo, t_start, examples = [j for j in jobs if j[1] not in res[j[0]]], time.time(), []
+    est = job_estimates(model, x_u8, y, first["correct"]["clean"], todo, num_classes, args.batch_size)
     for i, (group, key, fn, settings, norm, bs) in enumerate(todo):
         t0 = time.time()
-        correct, stats, shown = run_job(model, x_u8, y, fn, key, norm, settings["eps"], bs, args.seed, args.n_show)
+        if group == "autoattack":
+            print(f"AutoAttack-{key} ({settings['version']}) on {int(first['correct']['clean'].sum())} points: "
+                  f"at most {hms(est[i])} (every point through every component)", flush=True)
+        correct, stats, shown = run_job(model, x_u8, y, fn, key, norm, settings["eps"], bs, args.seed, args.n_show,
+                                        whole=group == "autoattack")
         e = res[group][key] = {**settings, **stats, "acc": correct.float().mean().item(), "correct": bits(correct),
                                "pert": norm or "linf (latent-bounded)", "time_s": time.time() - t0}
         res.update(pending=[f"{g}/{k}" for g, k, *_ in todo[i + 1:]], complete=i + 1 == len(todo))
         write_outputs(res, out, y, num_classes, scenario, args.lp_source)   # after EVERY attack: a crash keeps it
         examples.append((job_title(group, key, e), shown))
-        elapsed = time.time() - t_start   # ETA: mean time of the finished attacks x attacks left
+        scale = (time.time() - t_start) / sum(est[: i + 1])   # ETA: the estimates, rescaled by the measured times
         print(f"[{i + 1}/{len(todo)}] {examples[-1][0]:<36} acc {e['acc']:.4f} | max pert {e['max_pert']:.4g} "
-              f"({e['pert']}) | {hms(e['time_s'])} | elapsed {hms(elapsed)} | ETA "
-              f"{hms(elapsed / (i + 1) * (len(todo) - i - 1))}", flush=True)
+              f"({e['pert']}) | {hms(e['time_s'])} | elapsed {hms(time.time() - t_start)} | ETA "
+              f"{hms(scale * sum(est[i + 1:]))}", flush=True)
     res.update(pending=[], complete=True)
     text = write_outputs(res, out, y, num_classes, scenario, args.lp_source)
     print(f"\n{text}" + (f"\nwritten: {out}, {out.with_suffix('.md')}" if out else ""), flush=True)
@@ -924,8 +974,17 @@ def write_text(path, text):
     os.replace(tmp, path)
 
 
+def strict_json(obj):
+    """obj with NaN / inf floats as None: strict JSON readers (jq, JavaScript) reject NaN, and it reads as null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    return [strict_json(v) for v in obj] if isinstance(obj, (list, tuple)) else obj
+
+
 def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    write_text(path, json.dumps(strict_json(obj), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n")
 
 
 def load_checkpoint(path):

@@ -21,7 +21,8 @@ Contract (every attack in ATTACKS; enforced for each registered name by tests/te
 
 Groups: LP (3), PERCEPTUAL (1), SEMANTIC (17) and ALL (the papers' 21, in the order of CAS Fig. 5).
 ATTACKS holds the attacks implemented so far; registered(names) validates user input against it.
-A model used with `ppgd`'s "self" distance must expose `features(x) -> list[Tensor]`.
+`ppgd`'s "self" distance uses `model.features(x) -> list[Tensor]` when the model has it, else the maps taken by
+forward hooks (per spatial size, the last 4-D output of any submodule; attacks/perceptual.py), so any model works.
 """
 
 import inspect

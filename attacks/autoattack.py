@@ -33,6 +33,8 @@ robust (AutoAttack draws for the current sub-batch).
 Depends on: attacks/_common.py, attacks/_apgd.py, attacks/_fab.py, attacks/_square.py
 """
 
+import time
+
 import torch
 
 from attacks._apgd import NORMS, apgd
@@ -84,11 +86,24 @@ def accept_adversarial(model, x, y, x_cand, *, norm, eps):
     return wrong & inside & in_box
 
 
+def cost(norm, version="standard", n_iter=N_ITER, n_queries=N_QUERIES, n_classes=10):
+    """(input-gradient passes, forward passes) per attacked point if every component runs on it (an upper bound:
+    a point leaves at the first component that breaks it). APGD and FAB take one gradient pass per iteration and
+    attempt (FAB-T's targeted difference of two logits needs one backward), Square one forward per query."""
+    cfg, t = SETTINGS[norm], min(n_classes - 1, 9)
+    grad = {"apgd-ce": n_iter * cfg["ce_restarts"], "apgd-t": n_iter * min(cfg["t_targets"], t),
+            "fab-t": n_iter * min(cfg["fab_targets"], t), "square": 0}
+    return sum(grad[c] for c in VERSIONS[version]), n_queries if "square" in VERSIONS[version] else 0
+
+
 def autoattack(model, x, y, *, norm="linf", eps=None, version="standard", seed=0, n_iter=N_ITER,
-               n_queries=N_QUERIES):
+               n_queries=N_QUERIES, batch_size=None, log=None):
     """AutoAttack: components in order, each on the still-robust points; returns (x_adv, robust (B,) bool).
 
     n_iter (APGD, FAB) and n_queries (Square) default to AutoAttack's 100 / 5000; lower them only for tests.
+    batch_size: the points are attacked in fixed chunks of this size (each chunk draws as a batch of its own), every
+    component over all chunks before the next one; log(str), if given, gets one line per component, as AutoAttack
+    prints: points still robust, robust accuracy so far, time.
     """
     check_inputs(x, y, eps)
     if norm not in NORMS:
@@ -98,23 +113,32 @@ def autoattack(model, x, y, *, norm="linf", eps=None, version="standard", seed=0
     if int(n_iter) < 1 or int(n_queries) < 1:
         raise ValueError(f"n_iter and n_queries must be >= 1, got {n_iter!r}, {n_queries!r}")
     eps = DEFAULT_EPS[norm] if eps is None else float(eps)
-    x = x.detach()
+    x, t0, n = x.detach(), time.time(), len(x)
+    chunks = [slice(i, i + (batch_size or n)) for i in range(0, n, batch_size or n)]
     with torch.no_grad():
-        logits = model(x)
+        logits = torch.cat([model(x[c]) for c in chunks])
     if logits.shape[1] < 4:   # every version runs APGD-T (targeted DLR needs >= 4 classes)
         raise ValueError(f"AutoAttack's APGD-T (targeted DLR loss) needs >= 4 classes, the model has "
                          f"{logits.shape[1]}")
     robust = logits.argmax(1) == y                      # misclassified clean points are never attacked
     x_adv = x.clone()
+    say = (lambda what: log(f"  AutoAttack-{norm} {what:<8}: {int(robust.sum())}/{n} still robust, robust accuracy "
+                            f"{robust.float().mean().item():.2%} ({time.time() - t0:.1f}s)")) if log else (lambda w: 0)
+    say("clean")
     if eps == 0:
         return x_adv, robust
     for name in VERSIONS[version]:
         if not robust.any():
             break
-        cand, _ = run_component(name, model, x, y, robust, norm=norm, eps=eps, seed=seed, n_iter=n_iter,
-                                n_queries=n_queries)
-        idx = robust.nonzero().squeeze(1)   # re-check the candidates of the attacked points only
-        new = idx[accept_adversarial(model, x[idx], y[idx], cand[idx], norm=norm, eps=eps)]
-        x_adv[new] = cand[new]
-        robust[new] = False
+        for c in chunks:
+            todo = robust[c].clone()
+            if not todo.any():
+                continue
+            cand, _ = run_component(name, model, x[c], y[c], todo, norm=norm, eps=eps, seed=seed, n_iter=n_iter,
+                                    n_queries=n_queries)
+            idx = todo.nonzero().squeeze(1)   # re-check the candidates of the attacked points only
+            new = idx[accept_adversarial(model, x[c][idx], y[c][idx], cand[idx], norm=norm, eps=eps)]
+            x_adv[c][new] = cand[new]
+            robust[c][new] = False
+        say(name)
     return x_adv.detach(), robust

@@ -9,8 +9,18 @@ d(x, x') = ||phi(x) - phi(x')||_2, i.e. the square root of the UN-weighted LPIPS
 The budget eps bounds d(x, x_adv).
 Feature network (`lpips_net`):
   - "self" (default, self-bounded PAT): the attacked model's own `model.features(x) -> [layer1, .., layer4 outputs]`
-    (our PreActResNet-18 exposes it). The distance then changes with the checkpoint, so "PPGD eps=0.5" accuracies
-    are NOT comparable across models or over fine-tuning.
+    (our PreActResNet-18 exposes it). A model without a `features` method gets its maps from forward hooks
+    (`hooked_features`): a hook on every submodule (model.named_modules(), not the root) records each 4-D tensor
+    output of one forward of the model on x, in call order, and for each distinct spatial size (H, W) the LAST
+    such output is kept (maps ordered by the first appearance of their size). Containers' hooks fire after their
+    children's, so for a ResNet this is each stage's output (layer1, layer2, ...; for a pre-activation ResNet the
+    next stage's first bn+ReLU of it, and at the last size the final bn). An in-place op on a recorded map
+    (ReLU(inplace=True), `out += skip`) changes it together with its autograd history, so the maps stay valid for
+    backward. A global pool's (B, C, 1, 1) output counts as a map; tuple / list outputs are skipped; a model with no
+    4-D output raises a ValueError (pass a fixed network via lpips_net). Cost: one full forward of the model per phi
+    call; the maps keep the autograd graph. The rule is ours (see the deviations).
+    With "self", the distance changes with the checkpoint, so "PPGD eps=0.5" accuracies are NOT comparable across
+    models or over fine-tuning.
   - any nn.Module / callable returning a list of feature maps (or one tensor): a FIXED network (e.g. a frozen copy of
     the initial pre-trained model, or a CIFAR AlexNet trained by us) gives one distance for every checkpoint; the
     paper's CIFAR-10 evaluation uses a CIFAR AlexNet ("alexnet_cifar", weights not available offline). Never
@@ -47,6 +57,8 @@ Deviations from the reference:
   - CG stops per point (residual^2 < 0.1) instead of when every point of the batch has converged, and the bisection
     fallback runs only on the points Newton did not project (upstream re-bisects the whole batch) -- per-point results
     do not depend on the rest of the batch.  # DEVIATION tagged in _solve_cg and _project
+  - lpips_net="self" on a model without features(): maps taken by forward hooks (upstream needs a FeatureModel
+    with features()), so ppgd runs on any nn.Module.  # DEVIATION tagged in hooked_features
 Depends on: attacks/_common.py
 """
 
@@ -63,18 +75,46 @@ GRAD_TOL = 1e-4             # points with ||grad|| below this are left unchanged
 START_STD = 1e-4            # DEVIATION: std of the Gaussian start (upstream PerceptualPGDAttack: 0.01)
 NEWTON_ITERS, OVERSHOOT, BISECT_ITERS = 10, 0.1, 10   # projection (upstream)
 KAPPA = 1.0                 # margin-loss cap
+EPS_MEANING = "square-rooted, un-weighted LPIPS distance d(x, x_adv) (feature network: lpips_net)"
+
+
+def hooked_features(model):
+    """Callable x -> feature maps of `model` by forward hooks, for models without features() (rule: module doc).
+
+    One forward of model(x) per call; per spatial size (H, W) the last 4-D tensor output of any submodule is kept.
+    """
+    # DEVIATION: upstream's "self" distance needs a FeatureModel with features() (perceptual_advex/models.py in
+    # https://github.com/cassidylaidlaw/perceptual-advex); without one, ours takes the maps by forward hooks
+
+    def phi(x):
+        modules = [m for name, m in model.named_modules() if name]   # every submodule once (shared too), no root
+        maps = {}                                                     # (H, W) -> last map; first-appearance order
+
+        def record(module, inputs, output):
+            if isinstance(output, torch.Tensor) and output.dim() == 4:
+                maps[tuple(output.shape[2:])] = output
+
+        handles = [m.register_forward_hook(record) for m in modules]
+        try:
+            model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        if not maps:
+            raise ValueError(f"lpips_net='self': {type(model).__name__} has no features() method and none of its "
+                             f"submodules returned a 4-D feature map; pass a fixed feature network via lpips_net")
+        return list(maps.values())
+    return phi
 
 
 def feature_fn(model, lpips_net):
-    """The feature network as a callable x -> list of maps: model.features for "self", else lpips_net itself."""
+    """The feature network as a callable x -> list of maps: for "self" model.features if it exists, else the maps
+    taken by forward hooks (hooked_features); otherwise lpips_net itself."""
     if isinstance(lpips_net, str):
         if lpips_net != "self":
             raise ValueError(f"lpips_net must be 'self' or an nn.Module returning feature maps, got {lpips_net!r}")
         features = getattr(model, "features", None)
-        if not callable(features):
-            raise ValueError(f"lpips_net='self' needs model.features(x) -> list of feature maps, but "
-                             f"{type(model).__name__} has no features method; pass a fixed feature network instead")
-        return features
+        return features if callable(features) else hooked_features(model)
     if callable(lpips_net):
         return lpips_net
     raise ValueError(f"lpips_net must be 'self' or an nn.Module returning feature maps, got {lpips_net!r}")

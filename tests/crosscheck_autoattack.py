@@ -87,7 +87,6 @@ def main(argv=None):
     res = json.loads(out_path.read_text()) if out_path.exists() else {}
     res.update({"ckpt": args.ckpt, "n_examples": len(y), "clean_acc": 100 * correct.float().mean().item(),
                 "threads": torch.get_num_threads(), "torch": torch.__version__})
-    robust_masks = {}   # key -> list of bools (kept in the JSON so a rerun can do the point-wise comparisons)
 
     def save():
         cas.write_json(out_path, res)

@@ -11,6 +11,7 @@ import tempfile
 import unittest
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -215,6 +216,7 @@ class TestScenarios(unittest.TestCase):
         self.assertTrue((meta >= 4690).all())   # the LAST images of every class (FRL's validation split)
 
 
+@pytest.mark.slow
 class TestEndToEnd(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -316,6 +318,7 @@ class TestEndToEnd(unittest.TestCase):
         self.assertTrue(all(torch.equal(wa[k], wb[k]) for k in wa))
 
 
+@pytest.mark.slow
 class TestBadInputs(unittest.TestCase):
     def test_clear_errors(self):
         cases = [(["--noise-rate", "1.5"], "--noise-rate"), (["--drop-characteristic", "7"], "--drop-characteristic"),

@@ -12,6 +12,7 @@ import tempfile
 import unittest
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -154,6 +155,7 @@ class TestPolicyGradient(unittest.TestCase):
         self.assertLess(p_adv[~hard].mean().item(), 0.2, "direction-mean: easy samples -> anti-adversaries")
 
 
+@pytest.mark.slow
 class TestRuns(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -239,6 +241,7 @@ class TestRuns(unittest.TestCase):
                     self.assertTrue(all(torch.equal(sa[k], sb[k]) for k in sa))
 
 
+@pytest.mark.slow
 class TestBadInputs(unittest.TestCase):
     def test_clear_errors(self):
         cases = [(["--noise-rate", "1.5"], "--noise-rate"), (["--eps", "0"], "--eps"),

@@ -7,12 +7,15 @@ import sys
 import unittest
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = [p.stem for p in sorted(ROOT.glob("*.py")) if p.stem in ("cas", "caat_meta", "caat_reinforce", "eval")]
 TYPELESS_OK = (argparse._HelpAction, argparse._StoreTrueAction, argparse._StoreFalseAction,
                argparse.BooleanOptionalAction, argparse._VersionAction)
 
 
+@pytest.mark.slow
 class TestCli(unittest.TestCase):
     def test_help(self):
         for name in SCRIPTS:

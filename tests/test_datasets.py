@@ -10,6 +10,7 @@ import unittest
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from scipy.io import savemat
 
@@ -153,6 +154,7 @@ class TestReader(unittest.TestCase):
         self.assertIn("missing test_32x32.mat", str(cm.exception))
 
 
+@pytest.mark.slow
 class TestScriptsOnFiles(unittest.TestCase):
     def check_run(self, out, dataset, num_classes):
         self.assertTrue((out / "results.json").is_file())

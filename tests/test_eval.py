@@ -18,6 +18,7 @@ import types
 import unittest
 from pathlib import Path
 
+import pytest
 import torch
 
 import attacks
@@ -37,6 +38,7 @@ def run(*argv, ok=True):
     return proc
 
 
+@pytest.mark.slow
 class TestEvalScript(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -52,7 +54,7 @@ class TestEvalScript(unittest.TestCase):
         cls.out = cls.tmp / "a" / "eval.json"
         cls.proc = run("--ckpt", cls.ckpt, "--out", cls.out, "--attacks", "linf,fog", "--caat-pgd", "10",
                        "--autoattack", "linf", "--aa-version", "apgd", "--save-examples", cls.tmp / "ex.png", *FAST)
-        cls.res = json.loads(cls.out.read_text())
+        cls.res = json.loads(cls.out.read_text(), parse_constant=lambda c: {}[c])   # strict JSON: no NaN
 
     @classmethod
     def tearDownClass(cls):
@@ -88,6 +90,10 @@ class TestEvalScript(unittest.TestCase):
         self.assertIn("Avg. Bdy.", self.proc.stdout)
         self.assertIn("[4/4]", self.proc.stdout)
         self.assertIn("ETA", self.proc.stdout)
+        self.assertRegex(self.proc.stdout, r"AutoAttack-linf \(apgd\) on \d+ points: at most ")
+        for component in ("clean", "apgd-ce", "apgd-t"):   # AutoAttack's own log, one line per component
+            self.assertRegex(self.proc.stdout, rf"AutoAttack-linf {component} *: \d+/16 still robust, robust "
+                                               rf"accuracy [\d.]+% \([\d.]+s\)")
         self.assertTrue((self.tmp / "ex.png").stat().st_size > 0)
 
     def test_foreign_state_dict_with_module_prefix(self):
@@ -234,6 +240,30 @@ class TestEvalScript(unittest.TestCase):
 
 
 class TestPieces(unittest.TestCase):
+    def test_autoattack_in_chunks_equals_per_batch_calls(self):
+        """eval.py runs AutoAttack on all images at once with batch_size (component by component, as the official
+        package logs it): the same points as calling it batch by batch, and one log line per component."""
+        torch.manual_seed(0)
+        model = ev.build_model(10, (0.5,) * 3, (0.25,) * 3, width=4).eval()
+        x_u8, y = ev.fake_split(12, 1)
+        x = ev.to_float(x_u8)
+        kw = dict(norm="l2", eps=0.3, n_iter=3, n_queries=5, seed=0)
+        lines = []
+        x_adv, robust = attacks.autoattack(model, x, y, batch_size=5, log=lines.append, **kw)
+        parts = [attacks.autoattack(model, x[i:i + 5], y[i:i + 5], **kw) for i in range(0, 12, 5)]
+        self.assertTrue(torch.equal(x_adv, torch.cat([p[0] for p in parts])))
+        self.assertTrue(torch.equal(robust, torch.cat([p[1] for p in parts])))
+        self.assertEqual([ln.split()[1] for ln in lines][:2], ["clean", "apgd-ce"])
+        self.assertIn(f"{int(robust.sum())}/12 still robust", lines[-1])
+        self.assertEqual(ev.aa_cost("linf", "standard", 100, 5000, 10), (100 + 900 + 900, 5000))   # APGD-CE, APGD-T x 9, FAB-T x 9; Square queries
+        self.assertEqual(ev.aa_cost("l1", "apgd", 100, 5000, 10), (500 + 500, 0))
+
+    def test_caat_pgd_follows_the_request(self):
+        jobs = lambda *a: [(g, k) for g, k, *_ in ev.make_jobs(ev.make_parser().parse_args(list(a)), "fake", {})]  # noqa
+        self.assertEqual(jobs("--attacks", "linf"), [("attacks", "linf")])
+        self.assertEqual(jobs("--attacks", "linf", "--caat-pgd", "10"), [("attacks", "linf"), ("pgd", "pgd10")])
+        self.assertEqual(jobs()[-2:], [("pgd", "pgd10"), ("pgd", "pgd20")])   # the default run: all attacks + both
+
     def test_sanity_check(self):
         x = torch.rand(3, 3, 8, 8) * 0.6 + 0.1
         eps = 8 / 255

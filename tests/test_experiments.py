@@ -9,6 +9,7 @@ import shutil
 import tempfile
 import unittest
 
+import pytest
 import torch
 
 import cas
@@ -75,6 +76,7 @@ class TestCalibrationScripted(unittest.TestCase):
         self.assertEqual((report["fog"]["rounds"], len(calls), report["fog"]["in_range"]), (3, 4, False))
 
 
+@pytest.mark.slow   # end-to-end runs of the scripts (subclasses inherit the mark)
 class ExperimentTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):

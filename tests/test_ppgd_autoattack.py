@@ -16,7 +16,7 @@ import attacks
 from attacks import _apgd, _fab, perceptual
 from attacks._common import lp_norm
 from attacks.autoattack import VERSIONS, accept_adversarial, autoattack, run_component
-from attacks.perceptual import feature_fn, lpips_distance, ppgd
+from attacks.perceptual import feature_fn, hooked_features, lpips_distance, ppgd
 
 P = {"linf": "inf", "l2": 2, "l1": 1}
 EPS = {"linf": 8 / 255, "l2": 0.5, "l1": 12.0}
@@ -335,9 +335,10 @@ class TestPPGD(unittest.TestCase):
         self.assertGreater(after.mean().item(), before.mean().item())
 
     def test_bad_arguments(self):
-        plain = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 10))
-        with self.assertRaisesRegex(ValueError, "features"):
+        plain = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 10))   # no features(), no 4-D output to hook
+        with self.assertRaisesRegex(ValueError, "no features.*4-D feature map.*lpips_net"):
             ppgd(plain, self.x, self.y, steps=1)
+        self.assertTrue(all(not m._forward_hooks for m in plain.modules()))
         ppgd(plain, self.x, self.y, steps=1, lpips_net=FixedFeatures())   # fine with a fixed feature network
         with self.assertRaisesRegex(ValueError, "lpips_net"):
             ppgd(self.model, self.x, self.y, lpips_net="alexnet")
@@ -345,6 +346,127 @@ class TestPPGD(unittest.TestCase):
             ppgd(self.model, self.x, self.y, eps=-0.1)
         with self.assertRaisesRegex(ValueError, "steps"):
             ppgd(self.model, self.x, self.y, steps=-1)
+
+
+class Block(nn.Module):
+    """conv-bn (stride s) + 1x1 projection shortcut, then an in-place ReLU; `out += skip` in place (torchvision)."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(cin, cout, 3, stride, 1), nn.BatchNorm2d(cout)
+        self.skip, self.relu = nn.Conv2d(cin, cout, 1, stride), nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.bn(self.conv(x))
+        out += self.skip(x)
+        return self.relu(out)
+
+
+class Nested(nn.Module):
+    """stem (16x16) -> stages[0] (8x8) -> stages[1] (4x4, a Sequential of two blocks) -> functional pool -> head."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True))
+        self.stages = nn.ModuleList([nn.Sequential(Block(4, 6, 2)), nn.Sequential(Block(6, 8, 2), Block(8, 8, 1))])
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(8, 10))
+
+    def forward(self, x):
+        out = self.stem(x)
+        for stage in self.stages:
+            out = stage(out)
+        return self.head(F.adaptive_avg_pool2d(out, 1))
+
+
+def plain_cnn(seed=0):
+    """An nn.Sequential CNN without features(): maps at 16x16, 8x8 and the global pool's 1x1."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(4, 8, 3, 2, 1),
+                         nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+
+
+def no_hooks(model):
+    return all(not m._forward_hooks for m in model.modules())
+
+
+class TestPPGDHookedFeatures(unittest.TestCase):
+    """ppgd's "self" distance on models without features(): maps by forward hooks (perceptual.hooked_features)."""
+
+    def test_rule_picks_the_last_map_per_resolution(self):
+        x = torch.rand(2, 3, 16, 16)
+        model = Nested().eval()
+        maps = hooked_features(model)(x)
+        self.assertEqual([tuple(m.shape) for m in maps], [(2, 4, 16, 16), (2, 6, 8, 8), (2, 8, 4, 4)])
+        with torch.no_grad():                                     # the containers' outputs: stem, stage 0, stage 1
+            s = model.stem(x)
+            expected = [s, model.stages[0](s), model.stages[1](model.stages[0](s))]
+        for got, want in zip(maps, expected):
+            self.assertTrue(torch.allclose(got, want))
+        self.assertTrue(all(m.requires_grad for m in maps))        # graph kept (PPGD backpropagates through it)
+        self.assertTrue(no_hooks(model))
+        maps = hooked_features(plain_cnn())(x)                     # the global pool's (B, C, 1, 1) output counts
+        self.assertEqual([tuple(m.shape) for m in maps], [(2, 4, 16, 16), (2, 8, 8, 8), (2, 8, 1, 1)])
+
+    def test_preact_resnet_maps(self):
+        """eval.py's PreActResNet-18: same shapes as features(); what the rule takes at each size is documented."""
+        import importlib
+        ev = importlib.import_module("eval")
+        torch.manual_seed(0)
+        model = ev.PreActResNet18(width=8).eval()
+        with torch.no_grad():
+            for m in model.modules():                              # non-trivial BN, so bn(f) != f
+                if isinstance(m, nn.BatchNorm2d):
+                    m.running_mean.uniform_(-0.2, 0.2)
+                    m.running_var.uniform_(0.5, 2.0)
+        x = torch.rand(2, 3, 32, 32)
+        with torch.no_grad():
+            hooked, feats = hooked_features(model)(x), model.features(x)
+            self.assertEqual([m.shape for m in hooked], [f.shape for f in feats])
+            # pre-activation blocks: each size's last output is the next stage's first bn1 + ReLU of the stage
+            # output (layer1..layer3); at 4x4 the final bn of layer4's output
+            for i, layer in enumerate((model.layer2, model.layer3, model.layer4)):
+                self.assertTrue(torch.allclose(hooked[i], F.relu(layer[0].bn1(feats[i])), atol=1e-6))
+            self.assertTrue(torch.allclose(hooked[3], model.bn(feats[3]), atol=1e-6))
+        self.assertIs(feature_fn(model, "self").__func__, type(model).features)   # features() kept when present
+        self.assertTrue(no_hooks(model))
+
+    def test_ppgd_on_models_without_features(self):
+        for model in (plain_cnn(), Nested().eval()):
+            x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+            with torch.no_grad():
+                y = model(x).argmax(1)
+            with self.subTest(model=type(model).__name__):
+                self.assertFalse(hasattr(model, "features"))
+                out = ppgd(model, x, y, eps=0.3, steps=2, generator=torch.Generator().manual_seed(0))
+                with torch.no_grad():
+                    d = lpips_distance(hooked_features(model), x, out)
+                self.assertTrue((d <= 0.3 + 1e-4).all(), d)
+                self.assertTrue((d > 0).any(), d)                  # it moved
+                self.assertTrue(out.min() >= 0 and out.max() <= 1)
+                self.assertTrue(no_hooks(model))
+                self.assertFalse(model.training)
+                self.assertTrue(all(p.grad is None for p in model.parameters()))
+
+    def test_one_forward_per_call_and_hooks_removed_on_error(self):
+        rec = Recorder(plain_cnn())
+        phi = hooked_features(rec)
+        phi(torch.rand(3, 3, 16, 16))
+        self.assertEqual(rec.sizes, [3])                           # one forward of the model per phi call
+        self.assertTrue(no_hooks(rec))
+
+        class Broken(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.c = nn.Conv2d(3, 4, 3)
+
+            def forward(self, x):
+                self.c(x)
+                raise RuntimeError("boom")
+        broken = Broken()
+        with self.assertRaisesRegex(RuntimeError, "boom"):
+            hooked_features(broken)(torch.rand(1, 3, 16, 16))
+        self.assertTrue(no_hooks(broken))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 determinism; bad inputs give clear errors."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -9,7 +10,10 @@ import tempfile
 import unittest
 from pathlib import Path
 
+import pytest
 import torch
+
+pytestmark = pytest.mark.slow   # end-to-end runs of the scripts (pytest -m 'not slow' skips them)
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--dataset", "fake", "--device", "cpu", "--width", "8", "--attack-steps", "1", "--eval-attack-steps", "1",
@@ -25,8 +29,15 @@ def run_script(script, *args, expect=0, timeout=600):
     return proc
 
 
+def strict_loads(text):
+    """json.loads that rejects NaN / Infinity, as jq and JavaScript do."""
+    def refuse(name):
+        raise ValueError(f"not strict JSON: {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
 def read_log(path, drop_timing=True):
-    rows = [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+    rows = [strict_loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
     if drop_timing:
         rows = [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
     return rows
@@ -44,8 +55,8 @@ class ScriptTest(unittest.TestCase):
         cls.tmp = Path(tempfile.mkdtemp(prefix="cas_test_"))
         # one pre-train + fine-tune run that the other tests start from
         cls.base = cls.tmp / "base"
-        run_script("cas.py", *FAST, "--pretrain-epochs", "1", "--epochs", "1", "--max-steps", "2",
-                   "--out-dir", cls.base)
+        cls.base_proc = run_script("cas.py", *FAST, "--pretrain-epochs", "1", "--epochs", "1", "--max-steps", "2",
+                                   "--log-every", "1", "--out-dir", cls.base)
 
     @classmethod
     def tearDownClass(cls):
@@ -69,8 +80,10 @@ class TestCasOutputs(ScriptTest):
                     "cas/arm_prob/linf", "cas/r_self/l1", "cas/r_tradeoff/l2", "cas/pulls/linf", "train/pulls/l1"):
             self.assertIn(key, epochs[-1], key)
         self.assertEqual(sum(epochs[-1][f"train/pulls/{n}"] for n in ("linf", "l2", "l1")), 2)
-        results = json.loads((self.base / "results.json").read_text())
+        results = strict_loads((self.base / "results.json").read_text())   # NaN is written as null
         self.assertEqual(results["steps"], 4)
+        self.assertIsNone(results["final"]["avg_semantic"])   # no semantic attack: an empty mean
+        self.assertIsNone(epochs[-1]["test/avg_semantic"])
         for stage in ("initial", "final"):
             self.assertEqual(set(results[stage]["attacks"]), {"linf", "l2", "l1"})
             self.assertTrue(0 <= results[stage]["clean"] <= 1)
@@ -81,6 +94,21 @@ class TestCasOutputs(ScriptTest):
         ckpt = torch.load(self.base / "ckpt.pt", weights_only=True)
         for key in ("optimizer", "scheduler", "sampler", "rng", "args", "epoch", "step"):
             self.assertIn(key, ckpt)
+
+    def test_console_progress_and_summary(self):
+        """Progress inside epochs (rate, ETA), the evaluation time, the before/after table, lines <= 100 chars."""
+        out = self.base_proc.stdout
+        self.assertRegex(out, r"  finetune epoch 1/1 \| it 1/2 \| [\d.]+ it/s \| loss [\d.]+ \| ETA epoch [\d.]+s, "
+                              r"finetune [\d.]+s\n")
+        self.assertRegex(out, r"finetune epoch 0 \| step 2 \| starting model \| clean [\d.]+ \| avg robust "
+                              r"[\d.]+ \| eval [\d.]+s")
+        results = json.loads((self.base / "results.json").read_text())
+        for label, key in (("clean", "clean"), ("avg robust", "avg_robust")):
+            before, after = results["initial"][key], results["final"][key]
+            cells = r" +".join(re.escape(f"{v:{f}}") for v, f in ((before, ".3f"), (after, ".3f"), (after - before, "+.3f")))
+            self.assertRegex(out, rf"\n{label} +{cells}\n")
+        self.assertRegex(out, r"\nl1 +[\d.]+ +[\d.]+ +[-+][\d.]+\ndone in ")
+        self.assertLessEqual(max(len(ln) for ln in out.splitlines() if str(self.base) not in ln), 100)
 
     def test_log_schema(self):
         """One schema (README, "Logged metrics"): kind epoch | bandit, phase, epoch counted from 1 (0 = the
@@ -245,6 +273,17 @@ class TestBadInputs(ScriptTest):
         proc = run_script("eval.py", "--ckpt", self.tmp / "missing.pt", expect=2)
         self.assertIn("checkpoint not found", proc.stderr)
         self.assertNotIn("Traceback", proc.stderr)
+
+    def test_no_prefix_matching_anywhere(self):
+        """allow_abbrev=False in every parser: a prefix of a flag is an error, not that flag."""
+        for cmd, flag in (("caat_meta.py", "--batch"), ("caat_reinforce.py", "--batch"), ("eval.py", "--n-ex"),
+                          ("theory.py", "--qui"), ("-m attacks", "--gal")):
+            with self.subTest(cmd=cmd):
+                argv = [sys.executable, *cmd.split(), flag, "8"] if cmd.startswith("-m") else \
+                    [sys.executable, str(ROOT / cmd), flag, "8"]
+                proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=120)
+                self.assertEqual(proc.returncode, 2, proc.stderr)
+                self.assertIn(f"unrecognized arguments: {flag}", proc.stderr)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from unittest import mock
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from attacks import ATTACKS
 
@@ -258,22 +257,97 @@ class TestKaleidoscope(unittest.TestCase):
             self.assertLess(abs(a - area) / area, 0.2, (k, a, area))
 
 
+def run_cli(argv):
+    """(return code, stdout) of `python -m attacks ARGV`, run in-process."""
+    from attacks import __main__ as cli
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = cli.main(cli.get_args(argv))
+    return rc, out.getvalue()
+
+
 class TestCli(unittest.TestCase):
-    def test_list_names_every_attack_and_gallery_writes_png(self):
+    def test_list_fits_100_columns_and_names_every_attack(self):
+        rc, text = run_cli(["--list"])
+        self.assertEqual(rc, 0)
+        lines = text.splitlines()
+        self.assertTrue(all(len(line) <= 100 for line in lines), max(lines, key=len))
+        table = lines[2:lines.index("")]
+        rows = {line.split("|")[0].strip(): line for line in table}
+        self.assertEqual(list(rows), list(ATTACKS))
+        self.assertIn("| 1/255, 3/255, 6/255", rows["jpeg"])            # jpeg's levels, unambiguous
+        self.assertIn("| 0.03, 0.05, 0.1", rows["wood"])
+        bounds = lines[lines.index("what eps bounds:") + 1:]
+        self.assertEqual([line.split()[0] for line in bounds if not line.startswith(" ")], list(ATTACKS))
+        self.assertIn("LPIPS", next(line for line in bounds if line.startswith("ppgd ")))
+
+    def test_list_time_fits_100_columns(self):
+        """--time adds two columns; the lines still fit (timing itself mocked: only the layout is checked)."""
         from attacks import __main__ as cli
-        buf = io.StringIO()
-        with contextlib.redirect_stdout(buf):
-            self.assertEqual(cli.main(cli.get_args(["--list"])), 0)
-        lines = buf.getvalue().splitlines()
-        listed = {line.split("|")[0].strip() for line in lines[2:]}
-        self.assertEqual(listed, set(ATTACKS))
-        with tempfile.TemporaryDirectory() as tmp:   # ppgd: the default model has the features() it needs
-            path, out = Path(tmp) / "g.png", io.StringIO()
-            with contextlib.redirect_stdout(out):
-                cli.main(cli.get_args(["--gallery", str(path), "--attacks", "jpeg,glitch,ppgd", "--n-images", "2",
-                                       "--device", "cpu"]))
+        with mock.patch.object(cli, "time_per_step", return_value=0.0123):
+            rc, text = run_cli(["--list", "--time", "--batch-size", "2", "--device", "cpu"])
+        self.assertEqual(rc, 0)
+        self.assertTrue(all(len(line) <= 100 for line in text.splitlines()), text)
+        self.assertIn("x linf", text.splitlines()[0])
+
+    def test_gallery_default_attacks_labels_and_progress(self):
+        """The default set (every attack, ppgd included) on the tiny model: a labelled PNG, one printed row each."""
+        from PIL import Image
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "g.png"
+            rc, text = run_cli(["--gallery", str(path), "--n-images", "2", "--scale", "1", "--device", "cpu"])
+            self.assertEqual(rc, 0)
             self.assertEqual(path.read_bytes()[:8], b"\x89PNG\r\n\x1a\n")
-            self.assertIn("row  3: ppgd", out.getvalue())
+            with Image.open(path) as im:
+                width, height = im.size
+        self.assertEqual(height, 2 + (len(ATTACKS) + 1) * (32 + 2))            # make_grid: one row per attack
+        self.assertGreater(width, 2 + 2 * (32 + 2))                               # + the label margin on the left
+        for i, name in enumerate(["clean"] + list(ATTACKS)):
+            self.assertRegex(text, rf"row {i:2d}: {name} .*accuracy on these images \d\.\d\d")
+        self.assertRegex(text, r"row  4: ppgd +\d+\.\d s ")                     # seconds per attack
+
+    def test_gallery_plain_state_dict_and_input_norm(self):
+        """--ckpt with a plain state_dict of eval.py's PreActResNet-18 (width 8): --input-norm none, ppgd included;
+        the default for a plain state_dict is the dataset's mean/std (as eval.py), for our model.pt its metadata."""
+        from attacks import __main__ as cli
+        ev = importlib.import_module("eval")
+        torch.manual_seed(0)
+        net = ev.PreActResNet18(width=8).eval()
+        with tempfile.TemporaryDirectory() as tmp:
+            sd, png = Path(tmp) / "sd.pt", Path(tmp) / "g.png"
+            torch.save(net.state_dict(), sd)
+            rc, text = run_cli(["--gallery", str(png), "--ckpt", str(sd), "--input-norm", "none", "--attacks",
+                                "linf,ppgd", "--n-images", "2", "--scale", "1", "--device", "cpu"])
+            self.assertEqual(rc, 0)
+            self.assertTrue(png.is_file())
+            self.assertIn("input normalisation: none", text)
+            self.assertRegex(text, r"row  2: ppgd .*accuracy on these images")
+            mean, std, how = cli.input_normalisation(sd)                          # default, plain state_dict
+            self.assertEqual((mean, std), (ev.DATASETS["cifar10"]["mean"], ev.DATASETS["cifar10"]["std"]))
+            torch.save({"model": net.state_dict(), "arch": "preact_resnet18", "mean": [0.5] * 3, "std": [0.25] * 3},
+                       Path(tmp) / "model.pt")
+            mean, std, how = cli.input_normalisation(Path(tmp) / "model.pt")      # metadata: build reads it
+            self.assertEqual((mean, std), (None, None))
+            self.assertIn("metadata", how)
+            self.assertEqual(cli.input_normalisation(Path(tmp) / "model.pt", "none")[:2], ((0.0,) * 3, (1.0,) * 3))
+        self.assertEqual(run_cli(["--gallery", "x.png", "--input-norm", "none"])[0], 2)   # no --ckpt: refused
+
+    def test_gallery_hints_at_input_norm_on_low_clean_accuracy(self):
+        from attacks import __main__ as cli
+        ev = importlib.import_module("eval")
+        x, y = batch(b=2)
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(ev.PreActResNet18(width=8).state_dict(), Path(tmp) / "sd.pt")
+            model = cli.load_model(Path(tmp) / "sd.pt")                          # mean / std None: [0, 1] input
+            with torch.no_grad():
+                y = (model(x).argmax(1) + 1) % 10                                 # every clean prediction wrong
+            with mock.patch.object(cli, "load_cifar_test", return_value=(x, y)):
+                rc, text = run_cli(["--gallery", str(Path(tmp) / "g.png"), "--ckpt", str(Path(tmp) / "sd.pt"),
+                                    "--input-norm", "none", "--data-dir", "unused", "--attacks", "jpeg",
+                                    "--n-images", "2", "--scale", "1", "--device", "cpu"])
+        self.assertEqual(rc, 0)
+        self.assertIn("low clean accuracy", text)
+        self.assertIn("--input-norm dataset / none", text)
 
     def test_ckpt_loader_matches_the_scripts_model(self):
         """attacks/__main__.load_model rebuilds the same network as the scripts' shared model block."""
