@@ -500,7 +500,7 @@ def job_estimates(model, x_u8, y, clean_correct, jobs, num_classes, batch_size):
     """Seconds each job should take, from its structure: (input-gradient passes, forward passes) per image times the
     measured cost of one pass; an attack takes `steps` gradient passes on every image (semantic attacks and PPGD
     cost more per step: the ETA rescales by the measured times as jobs finish), AutoAttack attacks.autoattack's
-    cost on the clean-correct points (an upper bound)."""
+    cost on the clean-correct points (as if no point broke)."""
     if not jobs:
         return []
     x = to_float(x_u8[:batch_size]).requires_grad_(True)
@@ -616,7 +616,7 @@ def evaluate_model(model, dataset="cifar10", **options):
         t0 = time.time()
         if group == "autoattack":
             print(f"AutoAttack-{key} ({settings['version']}) on {int(first['correct']['clean'].sum())} points: "
-                  f"at most {hms(est[i])} (every point through every component)", flush=True)
+                  f"about {hms(est[i])} if no point breaks (then every point runs every component)", flush=True)
         correct, stats, shown = run_job(model, x_u8, y, fn, key, norm, settings["eps"], bs, args.seed, args.n_show,
                                         whole=group == "autoattack")
         e = res[group][key] = {**settings, **stats, "acc": correct.float().mean().item(), "correct": bits(correct),

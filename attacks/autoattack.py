@@ -87,13 +87,14 @@ def accept_adversarial(model, x, y, x_cand, *, norm, eps):
 
 
 def cost(norm, version="standard", n_iter=N_ITER, n_queries=N_QUERIES, n_classes=10):
-    """(input-gradient passes, forward passes) per attacked point if every component runs on it (an upper bound:
-    a point leaves at the first component that breaks it). APGD and FAB take one gradient pass per iteration and
-    attempt (FAB-T's targeted difference of two logits needs one backward), Square one forward per query."""
+    """(input-gradient passes, forward passes) per attacked point if every component runs on it (a point leaves at
+    the first component that breaks it). APGD: one gradient pass per iteration and attempt; FAB-T: one gradient pass
+    (the targeted difference of two logits) and one forward (the misclassification check); Square: one forward per
+    query."""
     cfg, t = SETTINGS[norm], min(n_classes - 1, 9)
-    grad = {"apgd-ce": n_iter * cfg["ce_restarts"], "apgd-t": n_iter * min(cfg["t_targets"], t),
-            "fab-t": n_iter * min(cfg["fab_targets"], t), "square": 0}
-    return sum(grad[c] for c in VERSIONS[version]), n_queries if "square" in VERSIONS[version] else 0
+    fab = n_iter * min(cfg["fab_targets"], t) if "fab-t" in VERSIONS[version] else 0
+    grad = {"apgd-ce": n_iter * cfg["ce_restarts"], "apgd-t": n_iter * min(cfg["t_targets"], t)}
+    return sum(grad[c] for c in VERSIONS[version] if c in grad) + fab, fab + (n_queries if fab else 0)
 
 
 def autoattack(model, x, y, *, norm="linf", eps=None, version="standard", seed=0, n_iter=N_ITER,
