@@ -145,10 +145,13 @@ def train_step(model, policy, opt, x, y, ctx, args):
         raw = raw_characteristics(logits_clean, y, ctx["class_counts"], ctx["class_loss"])
         zeta = scale_characteristics(raw, len(ctx["class_counts"]))
         ctx["class_loss"] = update_class_loss(ctx["class_loss"], raw[:, 0], y)
-        actions = torch.multinomial(F.softmax(policy(zeta), 1), 1).squeeze(1)   # Alg. 2, line 4: s_i ~ p(s | zeta_i)
+        probs = F.softmax(policy(zeta), 1)                                  # Alg. 2, line 4: s_i ~ p(s | zeta_i)
+        # = torch.multinomial(probs, 1) (its algorithm: the same draws, bitwise), without its two host syncs
+        actions = (probs / torch.empty_like(probs).exponential_(1)).argmax(1)
     signed = ctx["signed_bounds"][actions]                                  # (B,) in /255
     adv, eps = signed > 0, signed.abs() / 255
-    x_tilde = perturb(model, x, y, logits_clean, eps, adv, args.attack_steps, int(torch.randint(0, 2 ** 62, (1,))))
+    x_tilde = perturb(attack_model(model, args.attack_bf16), x, y, logits_clean, eps, adv, args.attack_steps,
+                      int(torch.randint(0, 2 ** 62, (1,))))
     model.train()
     logits, logits_tilde = model(x), model(x_tilde)
     ce = F.cross_entropy(logits, y, reduction="none")
@@ -175,9 +178,9 @@ def train_step(model, policy, opt, x, y, ctx, args):
 def main(args):
     args, resume, device, out_dir, data, sc = start_run(args, SCRIPT, "policy")
     C = data["num_classes"]
-    model, opt, sched, total = make_classifier(args, data, device, len(sc["train_y"]))
+    model, net, opt, sched, total = make_classifier(args, data, device, len(sc["train_y"]))   # net: the forward
     policy = StrategyNet(args.hidden).to(device)                            # Alg. 2, line 1
-    popt = torch.optim.SGD(policy.parameters(), lr=args.policy_lr)         # Eq. (35): plain gradient ascent
+    popt = make_sgd(policy.parameters(), device, args.policy_lr)           # Eq. (35): plain gradient ascent
     fair = Fairness(C, args)
     uses = ("nat", "bdy") if args.reweight == "nat-bdy" else ()
     data_gen = torch.Generator().manual_seed(args.seed)        # shuffling + augmentation
@@ -189,16 +192,16 @@ def main(args):
         restore_run(resume, nets, fair, ctx, state, out_dir, data_gen)
         state["buffer"] = [[t.to(device) for t in b] for b in state["buffer"]]
     elif args.init_ckpt:
-        evaluate_initial(model, data, state, args, out_dir)
+        evaluate_initial(net, data, state, args, out_dir)
     t_start = time.time() - state["time_s"]
 
     for epoch in range(state["epoch"], args.epochs):
         t_epoch = time.time()
-        rec = update_fairness(fair, uses, model, sc, epoch, args)   # Eq. (19) via FRL, once per epoch
+        rec = update_fairness(fair, uses, net, sc, epoch, args)   # Eq. (19) via FRL, once per epoch
         ctx.update(w_nat=fair.class_weight("nat").to(device), w_bdy=fair.class_weight("bdy").to(device))
         stats, objectives = DirectionStats(C, device), []
         for x, y, noisy in epoch_batches(sc, data, args, data_gen, state, stats, out_dir, total):   # Alg. 2, line 3
-            s = train_step(model, policy, opt, x, y, ctx, args)             # Alg. 2, lines 4-5
+            s = train_step(net, policy, opt, x, y, ctx, args)               # Alg. 2, lines 4-5
             sched.step()
             state["buffer"].append([s["zeta"], s["actions"], s["rewards"]])   # every batch's rewards (README D23)
             if (state["step"] + 2) % args.policy_interval == 0:             # Alg. 2, line 6: (t + 1) % K, t 1-based
@@ -209,7 +212,7 @@ def main(args):
         rec.update({"lr": opt.param_groups[0]["lr"], **stats.log(), "policy/updates": len(objectives),
                     "policy/objective": torch.stack(objectives).mean().item() if objectives else None,
                     "frl/w_nat": ctx["w_nat"].tolist(), "frl/w_bdy": ctx["w_bdy"].tolist()})
-        if end_epoch(model, data, state, rec, epoch, t_epoch, t_start, args, out_dir, nets, fair, ctx, (data_gen,),
+        if end_epoch(net, data, state, rec, epoch, t_epoch, t_start, args, out_dir, nets, fair, ctx, (data_gen,),
                      f"adv ratio {rec['caat/adv_ratio']:.2f} | mean bound {mean_bound(rec):.1f}/255"):
             break
     return finish(model, data, state, args, out_dir, t_start)
@@ -307,7 +310,8 @@ def scale_characteristics(z, num_classes):
 
 def update_class_loss(class_loss, losses, y, momentum=CLASS_LOSS_MOMENTUM):
     """zeta_6 bookkeeping: per-class EMA of the batch's mean clean CE; classes absent from the batch keep theirs."""
-    n = torch.bincount(y, minlength=class_loss.numel()).to(class_loss.dtype)
+    # counts by index_add_ into a known size, not bincount (which reads max(y) back to the host on CUDA: a sync)
+    n = torch.zeros_like(class_loss).index_add_(0, y, torch.ones_like(losses, dtype=class_loss.dtype))
     total = torch.zeros_like(class_loss).index_add_(0, y, losses.to(class_loss.dtype))
     return torch.where(n > 0, momentum * class_loss + (1 - momentum) * total / n.clamp_min(1), class_loss)
 # ==== END SHARED: caat-characteristics ====
@@ -448,8 +452,9 @@ EVAL_STEP = 2 / 255   # test / validation PGD step (as FRL's code)
 
 def fairness_metrics(model, x_u8, y, steps_list, eps, num_classes, args):
     """Average (mean over classes) and worst-class natural, boundary and robust error, PGD-k for k in steps_list."""
-    fns = {f"pgd{k}": (lambda k: lambda m, xb, yb: ATTACKS["linf"](m, xb, yb, eps=eps, steps=k, step_size=EVAL_STEP,
-                                                                   init="uniform"))(k) for k in steps_list}
+    fns = {f"pgd{k}": (lambda k: lambda m, xb, yb: ATTACKS["linf"](attack_model(m, args.attack_bf16), xb, yb, eps=eps,
+                                                                   steps=k, step_size=EVAL_STEP, init="uniform"))(k)
+           for k in steps_list}
     res = evaluate(model, x_u8, y, fns, args.batch_size, args.seed)
     out = {}
     for name in fns:
@@ -534,6 +539,7 @@ def start_run(args, script, key):
     check_args(args)
     seed_everything(args.seed, args.deterministic)
     device = pick_device(args.device)
+    resolve_speed_flags(args, device)   # --attack-bf16 (default: on for CUDA), --compile
     data = make_datasets(args, device)
     try:
         sc = build_scenario(args, data)
@@ -545,22 +551,26 @@ def start_run(args, script, key):
         save_checkpoint(out_dir / "corruption.pt", {**sc["saved"], "noise": args.noise if args.scenario == "noisy"
                                                     else "", "seed": args.seed})
         write_json(out_dir / "args.json", {**vars(args), "derived": {
-            "steps_per_epoch": math.ceil(len(sc["train_y"]) / args.batch_size), "train_size": len(sc["train_y"]),
+            "steps_per_epoch": num_batches(len(sc["train_y"]), args.batch_size, args.compile),
+            "train_size": len(sc["train_y"]),
             "meta_size": len(sc["meta_y"]), "class_counts": sc["class_counts"].tolist(),
             "noise_realised": sc["noisy"].float().mean().item()}, **run_info(device)})
     return args, resume, device, out_dir, data, sc
 
 
 def make_classifier(args, data, device, n_train):
-    """f_W (Alg. 1-2, line 1), its SGD optimiser and the per-iteration schedule; also the number of iterations."""
-    model = build_model(data["num_classes"], data["mean"], data["std"], args.width, args.activation).to(device)
+    """f_W (Alg. 1-2, line 1), its forward for training and attacks (torch.compile'd with --compile: the same
+    parameters; f_W itself for the state_dicts and Meta-CAAT's meta step), its SGD optimiser and the per-iteration
+    schedule; also the number of iterations."""
+    model = place_model(build_model(data["num_classes"], data["mean"], data["std"], args.width, args.activation),
+                        device)
     if args.init_ckpt:
         load_weights(model, args.init_ckpt)
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    total = max(args.epochs * math.ceil(n_train / args.batch_size), 1)   # piecewise: x0.1 at 50%, x0.01 at 75%
+    opt = make_sgd(model.parameters(), device, args.lr, args.momentum, args.weight_decay)
+    total = max(args.epochs * num_batches(n_train, args.batch_size, args.compile), 1)   # piecewise: x0.1 at 50%, 75%
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if args.schedule == "constant" or s < 0.5 * total
                                               else (0.1 if s < 0.75 * total else 0.01))
-    return model, opt, sched, total
+    return model, torch.compile(model) if args.compile else model, opt, sched, total
 
 
 def new_state():
@@ -600,7 +610,8 @@ def epoch_batches(sc, data, args, generator, state, stats, out_dir, total):
     progress line, the testing aid --interrupt-at-step, and --max-steps."""
     index = torch.arange(len(sc["train_y"]), device=sc["train_y"].device)
     t_window, first = time.time(), state["step"]
-    for x, idx in iterate_batches(sc["train_x"], index, args.batch_size, generator, augment=data["augment"]):
+    for x, idx in iterate_batches(sc["train_x"], index, args.batch_size, generator, augment=data["augment"],
+                                  drop_last=args.compile):   # --compile: one batch shape (no recompilation)
         yield x, sc["train_y"][idx], sc["noisy"][idx]
         state["step"] += 1
         if args.log_every and state["step"] % args.log_every == 0:
@@ -690,7 +701,13 @@ def add_common_flags(parser):
     g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False,
                    help="deterministic algorithms; on CUDA, ops without one warn and stay nondeterministic (README)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
-                   help="bf16 autocast for the training forward/backward (attacks stay fp32)")
+                   help="bf16 autocast for the training forward/backward (the attacks: --attack-bf16)")
+    g.add_argument("--attack-bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast for the model's forward inside the attacks (float32 logits; their renderers, "
+                        "projections and the accuracy counts stay fp32); default: on for CUDA, off for CPU")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the model's forward (training and attacks); training then drops each epoch's "
+                        "last partial batch, so that the batch shape never changes (no recompilation)")
     g.add_argument("--resume", type=str, default="", help="run directory or ckpt.pt of the SAME run to continue")
     g.add_argument("--init-ckpt", type=str, default="", help="weights to start from (model.pt or a plain state_dict)")
     g.add_argument("--max-steps", type=int, default=0, help="stop each stage after N optimizer steps (0 = no limit)")
@@ -734,6 +751,12 @@ def check_common_args(args):
                                  args.activation), args.init_ckpt)
 
 
+def make_sgd(params, device, lr, momentum=0.0, weight_decay=0.0):
+    """SGD; on CUDA the fused implementation (one kernel for all parameters, torch >= 2.4), on CPU the default."""
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                           fused=True if device.type == "cuda" else None)
+
+
 def parse_args(parser, argv, check):
     """Parse, then validate everything before anything is written: a user error is one line and exit 2."""
     args = parser.parse_args(argv)
@@ -764,6 +787,14 @@ def pick_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name!r} requested but CUDA is not available; use --device cpu")
     return device
+
+
+def resolve_speed_flags(args, device):
+    """--attack-bf16 unset (None, or a run from before the flag): on for CUDA, off for CPU; --compile: off unless
+    given. args.json / eval.json record the resolved values."""
+    args.attack_bf16 = device.type == "cuda" if getattr(args, "attack_bf16", None) is None else args.attack_bf16
+    args.compile = bool(getattr(args, "compile", False))
+    return args
 # ==== END SHARED: setup ====
 
 
@@ -905,6 +936,41 @@ def build_model(num_classes, mean, std, width=64, activation="relu"):
     return PreActResNet18(num_classes, mean, std, width, activation)
 
 
+def place_model(model, device):
+    """The model on `device`; on CUDA in channels_last (cuDNN's fast convolution layout; CPU: unchanged)."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if torch.device(device).type == "cuda" else model
+
+
+class AttackModel(nn.Module):
+    """--attack-bf16: what the attacks get instead of the model: its forward under bf16 autocast, float32 logits out
+    (the attacks' losses, renderers and projections stay fp32). .features, the feature maps of ppgd's perceptual
+    distance (its projection and eval.py's budget check measure it), are the model's own, fp32. The mode is the
+    wrapped model's: the caller sets it (attacks never change it); .train() / .eval() on the wrapper reach it too."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.features = attacks.perceptual.feature_fn(model, "self")   # model.features, else forward hooks
+
+    @property
+    def training(self):
+        return self.model.training if "model" in self._modules else True
+
+    @training.setter
+    def training(self, mode):   # written by nn.Module.__init__ and .train(), which also sets the wrapped model
+        pass
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return self.model(x).float()
+
+
+def attack_model(model, bf16):
+    """The model as the attacks see it: AttackModel(model) with --attack-bf16, else the model itself."""
+    return AttackModel(model) if bf16 else model
+
+
 def extract_state_dict(obj, path):
     """The state_dict inside a checkpoint: ours ({"model": ...}), Rice et al.'s ({"state_dict": ...}) or a plain one."""
     for key in ("model", "state_dict"):
@@ -1019,11 +1085,17 @@ def to_float(x_u8):
     return x_u8.float().div_(255.0)
 
 
+def to_device(t, device):
+    """A CPU tensor on `device`; to CUDA from pinned memory without blocking (no host sync in the training loop)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 def augment_batch(x, generator, kind, pad=4):
-    """Random crop (zero padding `pad`) and, for kind 'crop_flip', horizontal flip, batched on x's device."""
+    """Random crop (zero padding `pad`) and, for kind 'crop_flip', horizontal flip, batched on x's device; the random
+    numbers come from the CPU `generator` (checkpointed: an exact resume), copied to the device without a sync."""
     b, c, h, w = x.shape
-    offs = torch.randint(0, 2 * pad + 1, (2, b), generator=generator).to(x.device)
-    flip = torch.rand(b, generator=generator).to(x.device) < 0.5
+    offs = to_device(torch.randint(0, 2 * pad + 1, (2, b), generator=generator), x.device)
+    flip = to_device(torch.rand(b, generator=generator), x.device) < 0.5
     rows = (offs[0][:, None] + torch.arange(h, device=x.device))[:, None, :, None]   # (B, 1, H, 1)
     cols = offs[1][:, None] + torch.arange(w, device=x.device)                       # (B, W)
     cols = torch.where(flip[:, None], cols.flip(1), cols) if kind == "crop_flip" else cols
@@ -1032,12 +1104,18 @@ def augment_batch(x, generator, kind, pad=4):
     return F.pad(x, (pad,) * 4)[bidx, cidx, rows, cols[:, None, None, :]]
 
 
-def iterate_batches(x_u8, y, batch_size, generator=None, augment=None):
+def num_batches(n, batch_size, drop_last=False):
+    """Batches in a pass over n images; drop_last (training with --compile: one batch shape, no recompilation) drops
+    the last partial batch unless it is the only one. Evaluation keeps it (compiled: one recompilation for it)."""
+    return max(n // batch_size, 1) if drop_last else math.ceil(n / batch_size)
+
+
+def iterate_batches(x_u8, y, batch_size, generator=None, augment=None, drop_last=False):
     """Yield float [0,1] batches; shuffled and augmented when a generator is given, else in order."""
     n = len(y)
-    order = torch.randperm(n, generator=generator).to(y.device) if generator is not None else \
+    order = to_device(torch.randperm(n, generator=generator), y.device) if generator is not None else \
         torch.arange(n, device=y.device)
-    for i in range(0, n, batch_size):
+    for i in range(0, num_batches(n, batch_size, drop_last) * batch_size, batch_size):
         idx = order[i: i + batch_size]
         xb = to_float(x_u8[idx])
         yield (augment_batch(xb, generator, augment) if generator is not None and augment else xb), y[idx]

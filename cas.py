@@ -344,10 +344,13 @@ def make_sampler(kind, weights, args):
 # Arms and their budgets: attack strength comes from attacks.attack_settings (README D8), budgets from Eq. (11)
 # ----------------------------------------------------------------------------------------------------------------
 
-def make_arms(names, mode, dataset, steps, eps_table):
-    """{name: fn(model, x, y) -> x_adv} at training or evaluation strength, eps from the table where it has one."""
-    return {n: partial(ATTACKS[n], **attack_settings(n, mode, dataset=dataset, eps=eps_table.get(n), steps=steps))
+def make_arms(names, mode, dataset, steps, eps_table, bf16=False):
+    """{name: fn(model, x, y) -> x_adv} at training or evaluation strength, eps from the table where it has one;
+    bf16 (--attack-bf16): the attack gets the model's forward in bf16 (AttackModel). Calibration (Eq. 11) keeps
+    fp32: it sets the budgets once, where precision matters more than time."""
+    arms = {n: partial(ATTACKS[n], **attack_settings(n, mode, dataset=dataset, eps=eps_table.get(n), steps=steps))
             for n in names}
+    return {n: (lambda f: lambda m, x, y: f(attack_model(m, bf16), x, y))(f) for n, f in arms.items()} if bf16 else arms
 
 
 def calibrate(model, x_u8, y, names, args, eps_table):
@@ -407,6 +410,11 @@ def plan(args):
     return stages
 
 
+def epoch_steps(data, args):
+    """Iterations per epoch (with --compile only full batches: one batch shape, no recompilation)."""
+    return num_batches(len(data["train_y"]), args.batch_size, args.compile)
+
+
 def scenario(args):
     return args.scenario if args.scenario != "auto" else ("svhn" if args.dataset == "svhn" else "cifar")
 
@@ -430,6 +438,7 @@ def main(args):
                                      "interrupt_at_step": args.interrupt_at_step})
     seed_everything(args.seed, args.deterministic)
     device = pick_device(args.device)
+    resolve_speed_flags(args, device)   # --attack-bf16 (default: on for CUDA), --compile
     stages = plan(args)
     out_dir = make_run_dir(args, SCRIPT, resuming=resume is not None)
     print(f"run directory: {out_dir}", flush=True)
@@ -437,8 +446,9 @@ def main(args):
         write_json(out_dir / "args.json", {**vars(args), "stages": [s._asdict() for s in stages], **run_info(device)})
     data = make_datasets(args, device)
     data["test_x"], data["test_y"] = data["test_x"][: args.eval_examples], data["test_y"][: args.eval_examples]
-    model = build_model(data["num_classes"], data["mean"], data["std"], args.width, args.activation).to(device)
-    model = model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+    model = place_model(build_model(data["num_classes"], data["mean"], data["std"], args.width, args.activation),
+                        device)
+    net = torch.compile(model) if args.compile else model   # forwards (same parameters); `model`: the state_dicts
     data_gen = torch.Generator().manual_seed(args.seed)       # shuffling + augmentation, independent of the model
     state = {"stage": 0, "epoch": 0, "step": 0, "results": {}, "train_s": {}, "wall_s": 0.0,
              "eps_table": load_eps_table(args.eps_table)}
@@ -454,22 +464,22 @@ def main(args):
 
     for s_idx in range(state["stage"], len(stages)):
         st = stages[s_idx]
-        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                    weight_decay=args.weight_decay)
-        scheduler = make_schedule(optimizer, st.schedule, st.epochs * math.ceil(len(data["train_y"]) / args.batch_size))
+        optimizer = make_sgd(model.parameters(), device, args.lr, args.momentum, args.weight_decay)
+        scheduler = make_schedule(optimizer, st.schedule, st.epochs * epoch_steps(data, args))
         sampler = make_sampler(st.sampler, st.weights, args)
         if resume is not None and s_idx == resume["stage"]:
             for obj, key in ((optimizer, "optimizer"), (scheduler, "scheduler"), (sampler, "sampler")):
                 obj.load_state_dict(resume[key]) if obj is not None else None
         elif st.name == "finetune":
-            begin_finetune(model, data, st, args, state, out_dir)   # Eq. (11) calibration, the starting model's eval
-        train_arms = make_arms(st.attacks, "train", args.dataset, args.attack_steps, state["eps_table"])
-        eval_arms = make_arms(st.attacks, "eval", args.dataset, args.eval_attack_steps or None, state["eps_table"])
+            begin_finetune(net, data, st, args, state, out_dir)   # Eq. (11) calibration, the starting model's eval
+        arms = partial(make_arms, st.attacks, dataset=args.dataset, eps_table=state["eps_table"], bf16=args.attack_bf16)
+        train_arms = arms("train", steps=args.attack_steps)
+        eval_arms = arms("eval", steps=args.eval_attack_steps or None)
         for epoch in range(state["epoch"], st.epochs):
-            record, last = train_epoch(model, optimizer, scheduler, sampler, train_arms, st, data, data_gen, args,
+            record, last = train_epoch(net, optimizer, scheduler, sampler, train_arms, st, data, data_gen, args,
                                        state, out_dir)
             if (epoch + 1) % args.eval_every == 0 or last:
-                state["results"][st.name] = evaluate_and_log(model, data, eval_arms, st, args, out_dir, record)
+                state["results"][st.name] = evaluate_and_log(net, data, eval_arms, st, args, out_dir, record)
             else:
                 log_epoch(out_dir, record)
             state.update(epoch=st.epochs if last else epoch + 1, wall_s=time.time() - t_start)
@@ -514,7 +524,8 @@ def begin_finetune(model, data, stage, args, state, out_dir):
         write_json(out_dir / "eps_table.json", state["eps_table"])
         write_json(out_dir / "calibration.json", report)
     if stage.epochs:
-        arms = make_arms(stage.attacks, "eval", args.dataset, args.eval_attack_steps or None, state["eps_table"])
+        arms = make_arms(stage.attacks, "eval", args.dataset, args.eval_attack_steps or None, state["eps_table"],
+                         args.attack_bf16)
         state["results"]["initial"] = evaluate_and_log(model, data, arms, stage, args, out_dir, {
             "kind": "epoch", "phase": stage.name, "epoch": 0, "step": state["step"]})
 
@@ -524,10 +535,11 @@ def train_epoch(model, optimizer, scheduler, sampler, arms, stage, data, data_ge
 
     Returns the epoch's log record (time/train_s: the training loop alone) and whether the stage ends with it."""
     t0, seen, window = time.time(), [], []
-    per_epoch = math.ceil(len(data["train_y"]) / args.batch_size)
+    per_epoch = epoch_steps(data, args)
     epoch, stage_step = state["epoch"], state["epoch"] * per_epoch
     n_iter = min(per_epoch, args.max_steps - stage_step) if args.max_steps else per_epoch
-    for x, y in iterate_batches(data["train_x"], data["train_y"], args.batch_size, data_gen, augment=data["augment"]):
+    for x, y in iterate_batches(data["train_x"], data["train_y"], args.batch_size, data_gen, augment=data["augment"],
+                                drop_last=args.compile):
         s = train_step(model, optimizer, x, y, arms, stage.weights, sampler, stage.beta, args.amp)
         scheduler.step()
         state["step"], stage_step = state["step"] + 1, stage_step + 1
@@ -669,7 +681,13 @@ def add_common_flags(parser):
     g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False,
                    help="deterministic algorithms; on CUDA, ops without one warn and stay nondeterministic (README)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
-                   help="bf16 autocast for the training forward/backward (attacks stay fp32)")
+                   help="bf16 autocast for the training forward/backward (the attacks: --attack-bf16)")
+    g.add_argument("--attack-bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast for the model's forward inside the attacks (float32 logits; their renderers, "
+                        "projections and the accuracy counts stay fp32); default: on for CUDA, off for CPU")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the model's forward (training and attacks); training then drops each epoch's "
+                        "last partial batch, so that the batch shape never changes (no recompilation)")
     g.add_argument("--resume", type=str, default="", help="run directory or ckpt.pt of the SAME run to continue")
     g.add_argument("--init-ckpt", type=str, default="", help="weights to start from (model.pt or a plain state_dict)")
     g.add_argument("--max-steps", type=int, default=0, help="stop each stage after N optimizer steps (0 = no limit)")
@@ -713,6 +731,12 @@ def check_common_args(args):
                                  args.activation), args.init_ckpt)
 
 
+def make_sgd(params, device, lr, momentum=0.0, weight_decay=0.0):
+    """SGD; on CUDA the fused implementation (one kernel for all parameters, torch >= 2.4), on CPU the default."""
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                           fused=True if device.type == "cuda" else None)
+
+
 def parse_args(parser, argv, check):
     """Parse, then validate everything before anything is written: a user error is one line and exit 2."""
     args = parser.parse_args(argv)
@@ -743,6 +767,14 @@ def pick_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name!r} requested but CUDA is not available; use --device cpu")
     return device
+
+
+def resolve_speed_flags(args, device):
+    """--attack-bf16 unset (None, or a run from before the flag): on for CUDA, off for CPU; --compile: off unless
+    given. args.json / eval.json record the resolved values."""
+    args.attack_bf16 = device.type == "cuda" if getattr(args, "attack_bf16", None) is None else args.attack_bf16
+    args.compile = bool(getattr(args, "compile", False))
+    return args
 # ==== END SHARED: setup ====
 
 
@@ -884,6 +916,41 @@ def build_model(num_classes, mean, std, width=64, activation="relu"):
     return PreActResNet18(num_classes, mean, std, width, activation)
 
 
+def place_model(model, device):
+    """The model on `device`; on CUDA in channels_last (cuDNN's fast convolution layout; CPU: unchanged)."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if torch.device(device).type == "cuda" else model
+
+
+class AttackModel(nn.Module):
+    """--attack-bf16: what the attacks get instead of the model: its forward under bf16 autocast, float32 logits out
+    (the attacks' losses, renderers and projections stay fp32). .features, the feature maps of ppgd's perceptual
+    distance (its projection and eval.py's budget check measure it), are the model's own, fp32. The mode is the
+    wrapped model's: the caller sets it (attacks never change it); .train() / .eval() on the wrapper reach it too."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.features = attacks.perceptual.feature_fn(model, "self")   # model.features, else forward hooks
+
+    @property
+    def training(self):
+        return self.model.training if "model" in self._modules else True
+
+    @training.setter
+    def training(self, mode):   # written by nn.Module.__init__ and .train(), which also sets the wrapped model
+        pass
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return self.model(x).float()
+
+
+def attack_model(model, bf16):
+    """The model as the attacks see it: AttackModel(model) with --attack-bf16, else the model itself."""
+    return AttackModel(model) if bf16 else model
+
+
 def extract_state_dict(obj, path):
     """The state_dict inside a checkpoint: ours ({"model": ...}), Rice et al.'s ({"state_dict": ...}) or a plain one."""
     for key in ("model", "state_dict"):
@@ -998,11 +1065,17 @@ def to_float(x_u8):
     return x_u8.float().div_(255.0)
 
 
+def to_device(t, device):
+    """A CPU tensor on `device`; to CUDA from pinned memory without blocking (no host sync in the training loop)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 def augment_batch(x, generator, kind, pad=4):
-    """Random crop (zero padding `pad`) and, for kind 'crop_flip', horizontal flip, batched on x's device."""
+    """Random crop (zero padding `pad`) and, for kind 'crop_flip', horizontal flip, batched on x's device; the random
+    numbers come from the CPU `generator` (checkpointed: an exact resume), copied to the device without a sync."""
     b, c, h, w = x.shape
-    offs = torch.randint(0, 2 * pad + 1, (2, b), generator=generator).to(x.device)
-    flip = torch.rand(b, generator=generator).to(x.device) < 0.5
+    offs = to_device(torch.randint(0, 2 * pad + 1, (2, b), generator=generator), x.device)
+    flip = to_device(torch.rand(b, generator=generator), x.device) < 0.5
     rows = (offs[0][:, None] + torch.arange(h, device=x.device))[:, None, :, None]   # (B, 1, H, 1)
     cols = offs[1][:, None] + torch.arange(w, device=x.device)                       # (B, W)
     cols = torch.where(flip[:, None], cols.flip(1), cols) if kind == "crop_flip" else cols
@@ -1011,12 +1084,18 @@ def augment_batch(x, generator, kind, pad=4):
     return F.pad(x, (pad,) * 4)[bidx, cidx, rows, cols[:, None, None, :]]
 
 
-def iterate_batches(x_u8, y, batch_size, generator=None, augment=None):
+def num_batches(n, batch_size, drop_last=False):
+    """Batches in a pass over n images; drop_last (training with --compile: one batch shape, no recompilation) drops
+    the last partial batch unless it is the only one. Evaluation keeps it (compiled: one recompilation for it)."""
+    return max(n // batch_size, 1) if drop_last else math.ceil(n / batch_size)
+
+
+def iterate_batches(x_u8, y, batch_size, generator=None, augment=None, drop_last=False):
     """Yield float [0,1] batches; shuffled and augmented when a generator is given, else in order."""
     n = len(y)
-    order = torch.randperm(n, generator=generator).to(y.device) if generator is not None else \
+    order = to_device(torch.randperm(n, generator=generator), y.device) if generator is not None else \
         torch.arange(n, device=y.device)
-    for i in range(0, n, batch_size):
+    for i in range(0, num_batches(n, batch_size, drop_last) * batch_size, batch_size):
         idx = order[i: i + batch_size]
         xb = to_float(x_u8[idx])
         yield (augment_batch(xb, generator, augment) if generator is not None and augment else xb), y[idx]

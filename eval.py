@@ -76,6 +76,11 @@ def make_parser():
     a("--seed", type=int, default=0, help="re-seeded before every attack")
     a("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
     a("--deterministic", action=argparse.BooleanOptionalAction, default=False, help="deterministic cuDNN / algorithms")
+    a("--attack-bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast for the model's "
+      "forward inside the attacks and AutoAttack (float32 logits; projections, budget checks and the accuracy counts "
+      "stay fp32); default: on for CUDA, off for CPU")
+    a("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model's forward "
+      "(compiles again once for the last, smaller batch, and for AutoAttack's shrinking batches)")
     a = p.add_argument_group("model (images in [0, 1]; flags override our metadata, must fit the weights)").add_argument
     a("--arch", type=str, default=None, help="preact_resnet18 (ours, the default), or module:Class / path/to/file.py:"
       "Class: any nn.Module taking [0, 1] images, into which the checkpoint's state_dict is loaded")
@@ -445,7 +450,7 @@ def build_model_from_ckpt(path, device="cpu", width=None, activation=None, num_c
             model.load_state_dict(extract_state_dict(ckpt, path))
         except RuntimeError as e:
             raise ValueError(f"{path} does not fit --arch {arch}: {' '.join(str(e).split())[:400]}") from e
-        return model.to(device).eval()
+        return place_model(model, device).eval()
     meta = ckpt if isinstance(ckpt, dict) and "arch" in ckpt else {}
     if meta and meta["arch"] != "preact_resnet18":
         raise ValueError(f"{path}: unknown arch {meta['arch']!r}; give its class with --arch module:Class")
@@ -467,16 +472,16 @@ def build_model_from_ckpt(path, device="cpu", width=None, activation=None, num_c
         load_weights(model, path)
     except ValueError as e:
         raise ValueError(f"{e}; another architecture: --arch module:Class") from e
-    return model.to(device).eval()
+    return place_model(model, device).eval()
 
 
 # ---- evaluation: clean, then one job per attack (re-seeded, sanity-checked, written) ----
 
 def make_jobs(args, dataset, eps_table):
     """[(group, key, fn(model, x, y) -> x_adv, settings, norm checked, batch size)] in the order they run."""
-    def job(group, key, f, kw, norm, steps, bs=args.batch_size, **extra):
-        return group, key, lambda m, x, y: f(m, x, y, **kw), {"kwargs": kw, "eps": kw["eps"], "steps": steps,
-                                                               **extra}, norm, bs
+    def job(group, key, f, kw, norm, steps, bs=args.batch_size, **extra):   # --attack-bf16: the attack's forward
+        return group, key, lambda m, x, y: f(attack_model(m, args.attack_bf16), x, y, **kw), {
+            "kwargs": kw, "eps": kw["eps"], "steps": steps, **extra}, norm, bs
 
     jobs = []
     for name in attack_names(args.attacks):
@@ -564,7 +569,8 @@ def evaluate_model(model, dataset="cifar10", **options):
     try:   # everything that can be checked before the first attack: a user error, not a bug
         check_args(args)
         seed_everything(args.seed, args.deterministic)
-        model = model.to(pick_device(args.device)).eval()
+        model = place_model(model, device := pick_device(args.device)).eval()   # CUDA: channels_last
+        net = torch.compile(model) if resolve_speed_flags(args, device).compile else model   # the forwards
         data = make_datasets(argparse.Namespace(dataset=dataset, data_dir=args.data_dir, download=args.download,
                                                 train_subset=0, test_subset=0, input_norm="dataset"), "cpu")
         x_u8, y = (data[k][: args.n_examples].to(args.device) for k in ("test_x", "test_y"))
@@ -593,8 +599,9 @@ def evaluate_model(model, dataset="cifar10", **options):
             "data_label": f"first {len(y)} of the {len(data['test_y'])} {DATASET_NAMES.get(dataset, dataset)} test "
                           f"images{' under ' + args.data_dir if dataset != 'fake' else ''}",
             "config": {"attacks": args.attacks, "level": args.level, "steps": args.steps, "eps_table": eps_table,
-                       "aa_version": args.aa_version, "caat_pgd": args.caat_pgd, "lp_source": args.lp_source}})
-        first = evaluate(model, x_u8, y, {}, args.batch_size, args.seed)
+                       "aa_version": args.aa_version, "caat_pgd": args.caat_pgd, "lp_source": args.lp_source,
+                       "attack_bf16": args.attack_bf16, "compile": args.compile}})
+        first = evaluate(net, x_u8, y, {}, args.batch_size, args.seed)
         clean = bits(first["correct"]["clean"])
         if res.setdefault("clean_correct", clean) != clean:
             raise ValueError(f"--resume: the clean predictions differ from those in {out} (another model or data?)")
@@ -611,13 +618,13 @@ def evaluate_model(model, dataset="cifar10", **options):
         if key in res[group]:
             print(f"skip {job_title(group, key, res[group][key])}: already in {out}", flush=True)
     todo, t_start, examples = [j for j in jobs if j[1] not in res[j[0]]], time.time(), []
-    est = job_estimates(model, x_u8, y, first["correct"]["clean"], todo, num_classes, args.batch_size)
+    est = job_estimates(net, x_u8, y, first["correct"]["clean"], todo, num_classes, args.batch_size)
     for i, (group, key, fn, settings, norm, bs) in enumerate(todo):
         t0 = time.time()
         if group == "autoattack":
             print(f"AutoAttack-{key} ({settings['version']}) on {int(first['correct']['clean'].sum())} points: "
                   f"about {hms(est[i])} if no point breaks (then every point runs every component)", flush=True)
-        correct, stats, shown = run_job(model, x_u8, y, fn, key, norm, settings["eps"], bs, args.seed, args.n_show,
+        correct, stats, shown = run_job(net, x_u8, y, fn, key, norm, settings["eps"], bs, args.seed, args.n_show,
                                         whole=group == "autoattack")
         e = res[group][key] = {**settings, **stats, "acc": correct.float().mean().item(), "correct": bits(correct),
                                "pert": norm or "linf (latent-bounded)", "time_s": time.time() - t0}
@@ -710,6 +717,14 @@ def pick_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name!r} requested but CUDA is not available; use --device cpu")
     return device
+
+
+def resolve_speed_flags(args, device):
+    """--attack-bf16 unset (None, or a run from before the flag): on for CUDA, off for CPU; --compile: off unless
+    given. args.json / eval.json record the resolved values."""
+    args.attack_bf16 = device.type == "cuda" if getattr(args, "attack_bf16", None) is None else args.attack_bf16
+    args.compile = bool(getattr(args, "compile", False))
+    return args
 # ==== END SHARED: setup ====
 
 
@@ -778,6 +793,41 @@ class PreActResNet18(nn.Module):
 
 def build_model(num_classes, mean, std, width=64, activation="relu"):
     return PreActResNet18(num_classes, mean, std, width, activation)
+
+
+def place_model(model, device):
+    """The model on `device`; on CUDA in channels_last (cuDNN's fast convolution layout; CPU: unchanged)."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if torch.device(device).type == "cuda" else model
+
+
+class AttackModel(nn.Module):
+    """--attack-bf16: what the attacks get instead of the model: its forward under bf16 autocast, float32 logits out
+    (the attacks' losses, renderers and projections stay fp32). .features, the feature maps of ppgd's perceptual
+    distance (its projection and eval.py's budget check measure it), are the model's own, fp32. The mode is the
+    wrapped model's: the caller sets it (attacks never change it); .train() / .eval() on the wrapper reach it too."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.features = attacks.perceptual.feature_fn(model, "self")   # model.features, else forward hooks
+
+    @property
+    def training(self):
+        return self.model.training if "model" in self._modules else True
+
+    @training.setter
+    def training(self, mode):   # written by nn.Module.__init__ and .train(), which also sets the wrapped model
+        pass
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return self.model(x).float()
+
+
+def attack_model(model, bf16):
+    """The model as the attacks see it: AttackModel(model) with --attack-bf16, else the model itself."""
+    return AttackModel(model) if bf16 else model
 
 
 def extract_state_dict(obj, path):
@@ -894,11 +944,17 @@ def to_float(x_u8):
     return x_u8.float().div_(255.0)
 
 
+def to_device(t, device):
+    """A CPU tensor on `device`; to CUDA from pinned memory without blocking (no host sync in the training loop)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 def augment_batch(x, generator, kind, pad=4):
-    """Random crop (zero padding `pad`) and, for kind 'crop_flip', horizontal flip, batched on x's device."""
+    """Random crop (zero padding `pad`) and, for kind 'crop_flip', horizontal flip, batched on x's device; the random
+    numbers come from the CPU `generator` (checkpointed: an exact resume), copied to the device without a sync."""
     b, c, h, w = x.shape
-    offs = torch.randint(0, 2 * pad + 1, (2, b), generator=generator).to(x.device)
-    flip = torch.rand(b, generator=generator).to(x.device) < 0.5
+    offs = to_device(torch.randint(0, 2 * pad + 1, (2, b), generator=generator), x.device)
+    flip = to_device(torch.rand(b, generator=generator), x.device) < 0.5
     rows = (offs[0][:, None] + torch.arange(h, device=x.device))[:, None, :, None]   # (B, 1, H, 1)
     cols = offs[1][:, None] + torch.arange(w, device=x.device)                       # (B, W)
     cols = torch.where(flip[:, None], cols.flip(1), cols) if kind == "crop_flip" else cols
@@ -907,12 +963,18 @@ def augment_batch(x, generator, kind, pad=4):
     return F.pad(x, (pad,) * 4)[bidx, cidx, rows, cols[:, None, None, :]]
 
 
-def iterate_batches(x_u8, y, batch_size, generator=None, augment=None):
+def num_batches(n, batch_size, drop_last=False):
+    """Batches in a pass over n images; drop_last (training with --compile: one batch shape, no recompilation) drops
+    the last partial batch unless it is the only one. Evaluation keeps it (compiled: one recompilation for it)."""
+    return max(n // batch_size, 1) if drop_last else math.ceil(n / batch_size)
+
+
+def iterate_batches(x_u8, y, batch_size, generator=None, augment=None, drop_last=False):
     """Yield float [0,1] batches; shuffled and augmented when a generator is given, else in order."""
     n = len(y)
-    order = torch.randperm(n, generator=generator).to(y.device) if generator is not None else \
+    order = to_device(torch.randperm(n, generator=generator), y.device) if generator is not None else \
         torch.arange(n, device=y.device)
-    for i in range(0, n, batch_size):
+    for i in range(0, num_batches(n, batch_size, drop_last) * batch_size, batch_size):
         idx = order[i: i + batch_size]
         xb = to_float(x_u8[idx])
         yield (augment_batch(xb, generator, augment) if generator is not None and augment else xb), y[idx]

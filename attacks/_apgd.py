@@ -36,7 +36,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from attacks._common import per_sample, project_l1_box, project_l2, project_linf
+from attacks._common import kth_smallest, per_sample, project_l1_box, project_l2, project_linf
 
 NORMS = ("linf", "l2", "l1")
 LOSSES = ("ce", "dlr", "dlr-t")
@@ -116,7 +116,7 @@ def _sparse_step(grad, frac):
     b, d = grad.shape[0], grad[0].numel()
     g_abs = grad.abs().flatten(1)
     kth = ((1.0 - frac) * d).clamp(0, d - 1).long()                # index of the threshold in ascending order
-    thresh = g_abs.sort(dim=1).values.gather(1, kth[:, None])      # (B, 1)
+    thresh = kth_smallest(g_abs, kth + 1)                          # (B, 1), no sort
     direction = (grad.sign().flatten(1) * (g_abs >= thresh)).view_as(grad)
     return direction / (direction.flatten(1).abs().sum(1).view(b, 1, 1, 1) + 1e-10)
 
@@ -159,12 +159,15 @@ def apgd_run(model, x, y, x0, *, eps, norm, n_iter, loss="ce", target=None):
             x_prev, x_adv = x_adv, x_new
 
         logits, cur_loss, grad = _value_and_grad(model, x_adv, y, loss_fn, target)
+        # masks (torch.where), not boolean indexing: no host sync per iteration
         mis = logits.argmax(1) != y
-        x_broken[mis] = x_adv[mis]
+        x_broken = torch.where(mis.view(b, 1, 1, 1), x_adv, x_broken)
         broken |= mis
         history.append(cur_loss)
         better = cur_loss > loss_best
-        x_best[better], grad_best[better], loss_best[better] = x_adv[better], grad[better], cur_loss[better]
+        bb = better.view(b, 1, 1, 1)
+        x_best, grad_best = torch.where(bb, x_adv, x_best), torch.where(bb, grad, grad_best)
+        loss_best = torch.where(better, cur_loss, loss_best)
         since_check += 1
 
         if norm == "l1" and since_check == l1_every:                # l_1: adaptive sparsity and step size
@@ -174,7 +177,8 @@ def apgd_run(model, x, y, x0, *, eps, norm, n_iter, loss="ce", target=None):
             step = torch.where(restart.view(b, 1, 1, 1), eps_b, step / L1_SHRINK)
             step = torch.maximum(torch.minimum(step, eps_b), eps_b / L1_MIN_STEP_FRAC)
             nnz_old = nnz
-            x_adv[restart], grad[restart] = x_best[restart], grad_best[restart]
+            rb = restart.view(b, 1, 1, 1)
+            x_adv, grad = torch.where(rb, x_best, x_adv), torch.where(rb, grad_best, grad)
             since_check = 0
         elif norm != "l1" and since_check == interval:             # checkpoint step halving
             recent = torch.stack(history[-interval - 1:])           # (interval + 1, B)
@@ -186,7 +190,8 @@ def apgd_run(model, x, y, x0, *, eps, norm, n_iter, loss="ce", target=None):
             halve = oscillating | stalled
             halved_last, loss_best_last = halve, loss_best.clone()
             step = torch.where(halve.view(b, 1, 1, 1), step / 2, step)
-            x_adv[halve], grad[halve] = x_best[halve], grad_best[halve]
+            hb = halve.view(b, 1, 1, 1)
+            x_adv, grad = torch.where(hb, x_best, x_adv), torch.where(hb, grad_best, grad)
             since_check = 0
             interval = max(interval - interval_decr, interval_min)
     return x_best, broken, x_broken
@@ -219,12 +224,13 @@ def run_attempts(model, x, todo, attempt, *, n_target=None, n_restarts=1, min_cl
         targets = [order[:, k - 1] for k in range(2, min(n_target, n_classes - 1) + 2)]
     for target in targets:
         for _ in range(n_restarts):
+            # the one host sync of an attempt: which points are still to attack (a data-dependent sub-batch)
             idx = (todo & ~broken).nonzero().squeeze(1)
             if idx.numel() == 0:
                 return x_adv, broken
             hit, x_hit = attempt(idx, None if target is None else target[idx])
-            x_adv[idx[hit]] = x_hit[hit]
-            broken[idx[hit]] = True
+            x_adv[idx] = torch.where(hit.view(-1, *([1] * (x.dim() - 1))), x_hit, x_adv[idx])   # no boolean index
+            broken[idx] = broken[idx] | hit
     return x_adv, broken
 
 

@@ -4,7 +4,9 @@ Copy an attack into another project by copying `<name>.py` and this file.
 
 Contents
     per_sample(v, x)            float or (B,) tensor -> (B, 1, 1, 1) tensor on x's device/dtype
-    check_inputs(x, y, eps)     validate the attack inputs (raises ValueError with the bad value)
+    check_inputs(x, y, eps)     validate the attack inputs (raises ValueError with the bad value; one host sync)
+    device_constant(key, build, device, dtype)  a constant built and moved to the device once, then cached
+    kth_smallest(values, k)     per-row k-th smallest value without a sort or a host sync
     ce_losses(logits, y)        default per-example loss (B,)
     project_linf / project_l2   projection of a perturbation onto the l_inf / l_2 ball
     project_l1_box(x, delta, eps)  exact projection onto {||delta||_1 <= eps} intersected with x+delta in [0,1]
@@ -32,18 +34,71 @@ def per_sample(v, x: torch.Tensor) -> torch.Tensor:
 
 
 def check_inputs(x: torch.Tensor, y: torch.Tensor, eps=None) -> None:
-    """Validate the shared attack contract's inputs; errors name the offending value."""
+    """Validate the shared attack contract's inputs; errors name the offending value.
+
+    One host sync per call at most: the range of x and a tensor eps on x's device are checked by one combined
+    reduction read once (the detailed messages are computed only on the error path).
+    """
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
         raise ValueError(f"x must be a float tensor (B, C, H, W), got {type(x).__name__} "
                          f"{tuple(getattr(x, 'shape', ()))} {getattr(x, 'dtype', '')}")
     if not isinstance(y, torch.Tensor) or y.shape != (x.shape[0],):
         raise ValueError(f"y must be a tensor of shape ({x.shape[0]},), got {tuple(getattr(y, 'shape', ()))}")
-    if x.numel() and (x.min() < 0 or x.max() > 1):
-        raise ValueError(f"x must lie in [0, 1], got range [{x.min().item():.4f}, {x.max().item():.4f}]")
+    bad = []                                          # 0-d bool tensors on x's device, read together once
+    if x.numel():
+        lo, hi = torch.aminmax(x.detach())
+        bad.append((lo < 0) | (hi > 1))
     if eps is not None:
-        e = eps if isinstance(eps, torch.Tensor) else torch.tensor(float(eps))
-        if (e < 0).any() or not torch.isfinite(e).all():
-            raise ValueError(f"eps must be finite and >= 0, got {eps!r}")
+        if isinstance(eps, torch.Tensor):
+            e = eps.detach()
+            e_bad = ((e < 0) | ~torch.isfinite(e)).any()
+            if e.device == x.device:
+                bad.append(e_bad)
+            elif bool(e_bad):                         # eps on another device (e.g. CPU): its own check
+                raise ValueError(f"eps must be finite and >= 0, got {eps!r}")
+        else:
+            e = float(eps)
+            if not (math.isfinite(e) and e >= 0):
+                raise ValueError(f"eps must be finite and >= 0, got {eps!r}")
+    if bad and bool(torch.stack(bad).any()):          # the one sync
+        if x.numel() and bool(bad[0]):
+            raise ValueError(f"x must lie in [0, 1], got range [{x.min().item():.4f}, {x.max().item():.4f}]")
+        raise ValueError(f"eps must be finite and >= 0, got {eps!r}")
+
+
+def device_constant(key, build, device, dtype=None) -> torch.Tensor:
+    """A constant tensor (or tuple of tensors) built once per (key, device, dtype) and kept: renders call this in
+    every step, so the constant is neither rebuilt nor copied host -> device per step (a blocking copy on CUDA).
+
+    key: a hashable naming the constant (module-qualified, plus any value it depends on); build() -> CPU tensor(s),
+    cast to `dtype` (None: keep their dtype) and moved to `device` once. The cached tensors are plain tensors
+    (built outside inference mode, no grad) and must not be modified in place.
+    """
+    full_key = (key, torch.device(device), dtype)
+    value = _DEVICE_CONSTANTS.get(full_key)
+    if value is None:
+        with torch.inference_mode(False), torch.no_grad():
+            built = build()
+            move = (lambda t: t.to(device=device, dtype=dtype or t.dtype))
+            value = tuple(move(t) for t in built) if isinstance(built, tuple) else move(built)
+        _DEVICE_CONSTANTS[full_key] = value
+    return value
+
+
+_DEVICE_CONSTANTS = {}   # device_constant's cache: a few small tensors per (key, device, dtype)
+
+
+def kth_smallest(values: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Per-row k-th smallest value (B, 1) of values (B, d), k (B,) long in [1, d], without a sort or a host sync.
+
+    Row i is padded with d - k_i entries -inf and k_i entries +inf; the d-th smallest of the padded row is then the
+    k_i-th smallest of the row, so one torch.kthvalue with a fixed k serves every row (O(d) selection instead of an
+    O(d log d) sort). Equal to values.sort(1).values.gather(1, k[:, None] - 1) for finite values.
+    """
+    d = values.shape[1]
+    cols = torch.arange(d, device=values.device)
+    pad = torch.full_like(values, float("inf")).masked_fill(cols[None, :] < (d - k)[:, None], float("-inf"))
+    return torch.cat([values, pad], dim=1).kthvalue(d, dim=1, keepdim=True).values
 
 
 def ce_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -119,8 +119,9 @@ def fab_targeted_run(model, x, y, target, *, norm, n_iter):
             x1 = x1f.view_as(x)
             is_adv = model(x1).argmax(1) != y
             dist = _norm(x1f - x0, norm)
-            closer = is_adv & (dist < best_dist)
-            best[closer], best_dist[closer] = x1[closer], dist[closer]
+            closer = is_adv & (dist < best_dist)                     # masks, not boolean indexing: no host sync
+            best = torch.where(closer.view(-1, 1, 1, 1), x1, best)
+            best_dist = torch.where(closer, dist, best_dist)
             x1 = torch.where(is_adv.view(-1, 1, 1, 1), x + BETA * (x1 - x), x1)   # step back towards x
     return best, best_dist
 

@@ -56,10 +56,16 @@ def _rect_profile(rows, cols, device, dtype):
 
 def pseudo_gaussian(s, norm, generator, device, dtype):
     """(s, s) block: positive rectangles on the top half, negative on the bottom, randomly transposed; unit norm."""
+    return _pseudo_gaussian(s, norm, generator, device, dtype)[0]
+
+
+def _pseudo_gaussian(s, norm, generator, device, dtype):
+    """pseudo_gaussian's block (contiguous) and whether it was transposed (a 1-element bool tensor): the coin flip
+    stays on the device (torch.where), so no host sync."""
     block = torch.cat([_rect_profile(s // 2, s, device, dtype), -_rect_profile(s - s // 2, s, device, dtype)])
-    if torch.rand(1, generator=generator, device=device).item() > 0.5:
-        block = block.t()
-    return block / (block.abs().sum() if norm == "l1" else block.norm())
+    scale = block.abs().sum() if norm == "l1" else block.norm()           # the same for the transpose
+    flipped = torch.rand(1, generator=generator, device=device) > 0.5
+    return torch.where(~flipped, block, block.t()) / scale, flipped
 
 
 def _norm(t, norm, dims):
@@ -90,10 +96,26 @@ def _signs(shape, generator, device, dtype):
 
 
 def _window(h, w, s, generator, device):
-    """Random top-left corner of an s x s window (AutoAttack draws in [0, h - s))."""
-    vh = int(torch.randint(0, max(h - s, 1), (1,), generator=generator, device=device))
-    vw = int(torch.randint(0, max(w - s, 1), (1,), generator=generator, device=device))
+    """Random top-left corner of an s x s window (AutoAttack draws in [0, h - s)), as two 1-element device tensors:
+    the window is then cut with index tensors or masks, never by reading the corner on the host (no sync)."""
+    vh = torch.randint(0, max(h - s, 1), (1,), generator=generator, device=device)
+    vw = torch.randint(0, max(w - s, 1), (1,), generator=generator, device=device)
     return vh, vw
+
+
+def _window_mask(h, w, s, vh, vw, dtype):
+    """(h, w) 0/1 mask of the window [vh, vh + s) x [vw, vw + s), clipped to the image like a slice."""
+    rows = torch.arange(h, device=vh.device)
+    cols = torch.arange(w, device=vw.device)
+    inside_r = (rows >= vh) & (rows < vh + s)
+    inside_c = (cols >= vw) & (cols < vw + s)
+    return (inside_r[:, None] & inside_c[None, :]).to(dtype)
+
+
+def _window_index(s, vh, vw):
+    """Index tensors (rows (s, 1), cols (1, s)) of the s x s window at (vh, vw), for t[:, :, rows, cols]."""
+    offsets = torch.arange(s, device=vh.device)
+    return (vh + offsets)[:, None], (vw + offsets)[None, :]
 
 
 def _propose_linf(x, x_best, eps, p, generator):
@@ -101,8 +123,9 @@ def _propose_linf(x, x_best, eps, p, generator):
     c, h, w = x.shape[1:]
     s = max(int(round(math.sqrt(p * c * h * w / c))), 1)
     vh, vw = _window(h, w, s, generator, x.device)
-    x_new = x_best.clone()
-    x_new[:, :, vh:vh + s, vw:vw + s] += 2 * eps * _signs((c, 1, 1), generator, x.device, x.dtype)
+    # x_best + mask * change: outside the window x_best + 0 = x_best, inside x_best + change (= the in-place add)
+    x_new = x_best + _window_mask(h, w, s, vh, vw, x.dtype) * (2 * eps * _signs((c, 1, 1), generator, x.device,
+                                                                                   x.dtype))
     return torch.minimum(torch.maximum(x_new, x - eps), x + eps).clamp(0.0, 1.0)
 
 
@@ -111,24 +134,29 @@ def _propose_l2_l1(x, x_best, eps, p, norm, signs, generator):
     c, h, w = x.shape[1:]
     s = max(int(round(math.sqrt(p * c * h * w / c))), 3)
     s += 1 - s % 2                                                          # odd side
+    if s > min(h, w):
+        raise ValueError(f"Square {norm}: window side {s} exceeds the image ({h} x {w}); lower p_init")
     delta = x_best - x
     vh, vw = _window(h, w, s, generator, x.device)
     vh2, vw2 = _window(h, w, s, generator, x.device)
-    win1 = (slice(None), slice(None), slice(vh, vh + s), slice(vw, vw + s))
-    win2 = (slice(None), slice(None), slice(vh2, vh2 + s), slice(vw2, vw2 + s))
-    union = torch.zeros_like(x[:1])
-    union[win1], union[win2] = 1.0, 1.0
+    # windows cut with index tensors and masks (corners stay on the device)
+    win1 = (slice(None), slice(None)) + _window_index(s, vh, vw)
+    mask2 = _window_mask(h, w, s, vh2, vw2, x.dtype)
+    union = torch.maximum(_window_mask(h, w, s, vh, vw, x.dtype), mask2)
     norm_win1 = _norm(delta[win1], norm, (2, 3))                            # (n, c, 1, 1)
     norm_image = _norm(delta, norm, (1, 2, 3))                              # (n, 1, 1, 1)
     norm_union = _norm(delta * union, norm, (1, 2, 3))
-    new = pseudo_gaussian(s, norm, generator, x.device, x.dtype) * signs + delta[win1] / (1e-12 + norm_win1)
+    block, flipped = _pseudo_gaussian(s, norm, generator, x.device, x.dtype)
+    new = block * signs + delta[win1] / (1e-12 + norm_win1)
     if norm == "l2":
         budget = ((eps ** 2 - norm_image ** 2).clamp_min(0.0) / c + norm_union ** 2).sqrt()
     else:   # DEVIATION: l_1 transcription of the l_2 rule (not AutoAttack's own Square-L1 update)
         budget = (eps - norm_image).clamp_min(0.0) / c + norm_union
-    new = new / (_norm(new, norm, (2, 3)) + 1e-12) * budget
-    delta = delta.clone()
-    delta[win2] = 0.0
+    # the window norm summed in the memory order of the block, as when the transposed block was a transposed view
+    # (row-major, or column-major if transposed): the same float rounding as the host-side flip had
+    norm_new = torch.where(flipped, _norm(new.transpose(2, 3).contiguous(), norm, (2, 3)), _norm(new, norm, (2, 3)))
+    new = new / (norm_new + 1e-12) * budget
+    delta = torch.where(mask2 > 0, torch.zeros_like(delta), delta)
     delta[win1] = new
     return (x + delta / (_norm(delta, norm, (1, 2, 3)) + 1e-12) * eps).clamp(0.0, 1.0)
 
@@ -152,6 +180,7 @@ def square(model, x, y, todo, *, norm, eps, n_queries=5000, p_init=P_INIT, gener
         x_best = _init(xs, idx, bsz, norm, eps, generator)
         margin_min = _margin(model, x_best, ys)
         for it in range(n_queries):
+            # the one host sync of a query: the points still to attack (a data-dependent sub-batch, as AutoAttack)
             act = (margin_min > 0).nonzero().squeeze(1)
             if act.numel() == 0:
                 break
@@ -164,8 +193,8 @@ def square(model, x, y, todo, *, norm, eps, n_queries=5000, p_init=P_INIT, gener
             margin = _margin(model, x_new, ys[act])
             accept = margin < margin_min[act]
             margin_min[act] = torch.where(accept, margin, margin_min[act])
-            x_best[act[accept]] = x_new[accept]
+            x_best[act] = torch.where(accept.view(-1, 1, 1, 1), x_new, x_best[act])   # no boolean index
         hit = margin_min <= 0
-    x_adv[idx[hit]] = x_best[hit]
-    broken[idx[hit]] = True
+    x_adv[idx] = torch.where(hit.view(-1, 1, 1, 1), x_best, x_adv[idx])
+    broken[idx] = hit
     return x_adv, broken

@@ -133,13 +133,14 @@ def autoattack(model, x, y, *, norm="linf", eps=None, version="standard", seed=0
             break
         for c in chunks:
             todo = robust[c].clone()
-            if not todo.any():
+            idx = todo.nonzero().squeeze(1)   # the attacked points (one host sync per component and chunk)
+            if idx.numel() == 0:
                 continue
             cand, _ = run_component(name, model, x[c], y[c], todo, norm=norm, eps=eps, seed=seed, n_iter=n_iter,
                                     n_queries=n_queries)
-            idx = todo.nonzero().squeeze(1)   # re-check the candidates of the attacked points only
-            new = idx[accept_adversarial(model, x[c][idx], y[c][idx], cand[idx], norm=norm, eps=eps)]
-            x_adv[c][new] = cand[new]
-            robust[c][new] = False
+            # re-check the candidates of the attacked points only; masks, not boolean indexing (no further sync)
+            new = accept_adversarial(model, x[c][idx], y[c][idx], cand[idx], norm=norm, eps=eps)
+            x_adv[c][idx] = torch.where(new.view(-1, 1, 1, 1), cand[idx], x_adv[c][idx])
+            robust[c][idx] = robust[c][idx] & ~new
         say(name)
     return x_adv.detach(), robust

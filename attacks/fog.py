@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from attacks._common import check_inputs, latent_pgd, per_sample, project_linf
+from attacks._common import check_inputs, device_constant, latent_pgd, per_sample, project_linf
 
 LEVELS = {   # the reference's CIFAR-10 eps low/medium/high; step size and steps are the same at every level
     "low": {"eps": 0.3, "steps": 40, "step_size": 0.05},
@@ -85,7 +85,7 @@ def fog(model, x, y, *, eps=0.4, steps=40, step_size=0.05, direction=1, loss_fn=
     size = 2 ** levels
     top, left = (size - h) // 2, (size - w) // 2
     n_values = sum(4 ** i for i in range(levels))
-    colour = torch.tensor(FOG_COLOUR, device=x.device, dtype=x.dtype)
+    colour = device_constant("fog.colour", lambda: torch.tensor(FOG_COLOUR, dtype=torch.float64), x.device, x.dtype)
     colour = (colour if c == 3 else colour.mean().expand(c)).view(1, c, 1, 1)
 
     def render(v):

@@ -23,7 +23,7 @@ Depends on: attacks/_common.py
 
 import torch
 
-from attacks._common import check_inputs, gaussian_blur, latent_pgd, per_sample, project_linf
+from attacks._common import check_inputs, device_constant, gaussian_blur, latent_pgd, per_sample, project_linf
 
 LEVELS = {   # the reference's CIFAR-10 eps low/medium/high; step size and steps are the same at every level
     "low": {"eps": 0.01, "steps": 20, "step_size": 0.003},
@@ -61,7 +61,7 @@ def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
     sector = sector_f.long() % 6                            # hue 1 is sector 0 again
     p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
     comps = torch.stack([v, p, q, t], 1)                    # (B, 4, H, W)
-    table = torch.tensor(_SECTORS, device=hsv.device)       # (6, 3)
+    table = device_constant("hsv.sectors", lambda: torch.tensor(_SECTORS), hsv.device)   # (6, 3), once per device
     index = table[sector].permute(0, 3, 1, 2)               # (B, 3, H, W): which of (v, p, q, t) per channel
     return comps.gather(1, index)
 

@@ -32,7 +32,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from attacks._common import check_inputs, latent_pgd, per_sample
+from attacks._common import check_inputs, device_constant, latent_pgd, per_sample
 
 # CIFAR-10 levels of the reference (eps: models/cifar10/cifar10_config.py; step size / steps: models.sh)
 LEVELS = {
@@ -67,6 +67,13 @@ def colour_matrices(device=None, dtype=None):
     return m.to(**kw), torch.linalg.inv(m).to(**kw), torch.tensor(CHROMA_OFFSET, **kw).view(1, 3, 1, 1)
 
 
+def _constants(device, dtype):
+    """(m, m_inv, offset, D) on the device, built once per (device, dtype): the render runs every step, and building
+    them there meant a float64 matrix inverse on the CPU and four blocking host -> device copies per step."""
+    return device_constant("jpeg.constants", lambda: (*colour_matrices(dtype=dtype), dct_matrix(dtype=dtype)),
+                           device, dtype)
+
+
 def to_blocks(z: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, C, H/8, W/8, 8, 8)."""
     b, c, h, w = z.shape
@@ -85,8 +92,7 @@ def render(x: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
     ph, pw = -h % BLOCK, -w % BLOCK
     # DEVIATION: edge-pad to a multiple of 8 (the reference requires multiples of 8) -- any H, W >= 16 works
     xp = F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
-    m, m_inv, offset = colour_matrices(device=x.device, dtype=x.dtype)
-    d = dct_matrix(device=x.device, dtype=x.dtype)
+    m, m_inv, offset, d = _constants(x.device, x.dtype)
     ycc = torch.einsum("ij,bjhw->bihw", m, 255 * xp) + offset                       # (B, 3, H', W') on 0..255
     c = d @ to_blocks(ycc - LEVEL_SHIFT) @ d.T                                      # (B, 3, H'/8, W'/8, 8, 8)
     c = c + 255 * coeffs

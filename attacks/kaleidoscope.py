@@ -41,7 +41,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from attacks._common import check_inputs, latent_pgd, per_sample
+from attacks._common import check_inputs, device_constant, latent_pgd, per_sample
 
 # CIFAR-10 levels of the reference (eps: models/cifar10/cifar10_config.py; step size / steps: models.sh)
 LEVELS = {
@@ -58,7 +58,8 @@ def shape_masks(b: int, n: int, h: int, w: int, size: float, *, device, dtype, g
     """Random circles / triangles / squares rasterised as float masks (B, N, H, W), all at once."""
     kw = {"device": device, "generator": generator}
     kind = torch.randint(0, 3, (b, n, 1, 1), **kw)
-    centre = torch.rand(b, n, 2, **kw).to(dtype) * torch.tensor([h, w], device=device, dtype=dtype)
+    centre = torch.rand(b, n, 2, **kw).to(dtype) * device_constant(
+        ("kaleidoscope.size", h, w), lambda: torch.tensor([h, w]), device, dtype)
     angle = 2 * math.pi * torch.rand(b, n, 1, 1, **kw).to(dtype)
     dy = torch.arange(h, device=device, dtype=dtype).view(1, 1, h, 1) - centre[..., 0, None, None]   # (B, N, H, 1)
     dx = torch.arange(w, device=device, dtype=dtype).view(1, 1, 1, w) - centre[..., 1, None, None]   # (B, N, 1, W)
@@ -88,7 +89,8 @@ def edge_rings(masks: torch.Tensor, edge_width: int) -> torch.Tensor:
 def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
     """(..., 3) HSV in [0, 1] -> (..., 3) RGB: channel = v - v s clamp(min(k, 4 - k), 0, 1), k = (m + 6 h) mod 6."""
     h, s, v = hsv.unbind(-1)
-    m = torch.tensor([5.0, 3.0, 1.0], device=hsv.device, dtype=hsv.dtype)
+    m = device_constant("kaleidoscope.hsv_m", lambda: torch.tensor([5.0, 3.0, 1.0], dtype=torch.float64),
+                        hsv.device, hsv.dtype)
     k = (m + 6 * h[..., None]) % 6
     return v[..., None] - v[..., None] * s[..., None] * torch.minimum(k, 4 - k).clamp(0.0, 1.0)
 
@@ -96,7 +98,8 @@ def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
 def base_colours(b: int, n: int, min_saturation: float, min_value: float, *, device, dtype, generator=None):
     """Random bright colours (B, N, 3): hue U(0, 1), saturation U(min_sat, 1), value U(min_val, 1)."""
     r = torch.rand(b, n, 3, device=device, dtype=dtype, generator=generator)
-    lo = torch.tensor([0.0, min_saturation, min_value], device=device, dtype=dtype)
+    lo = device_constant(("kaleidoscope.hsv_lo", float(min_saturation), float(min_value)),
+                         lambda: torch.tensor([0.0, min_saturation, min_value], dtype=torch.float64), device, dtype)
     return hsv_to_rgb(lo + (1 - lo) * r)
 
 

@@ -17,8 +17,8 @@ Defaults are the CIFAR-10 budgets of E-AT: eps_inf = 8/255, eps_2 = 0.5, eps_1 =
 import torch
 import torch.nn.functional as F
 
-from attacks._common import (ce_losses, check_inputs, lp_norm, per_sample, project_l1_box, project_l2,
-                             project_linf)
+from attacks._common import (ce_losses, check_inputs, kth_smallest, lp_norm, per_sample, project_l1_box,
+                             project_l2, project_linf)
 
 INITS = ("uniform", "trades", "zero")
 LOSSES = ("ce", "kl")
@@ -150,14 +150,15 @@ def l1(model, x, y, *, eps=12.0, steps=10, step_size=None, init="zero", directio
         # sparse step: move the top-k |grad| coordinates, k = ceil(frac * d), each by step / k
         k = torch.clamp(torch.ceil(frac * d), 1, d).long()
         g_abs = grad.abs().flatten(1)
-        thresh = g_abs.sort(dim=1).values.gather(1, (d - k)[:, None])   # k-th largest |g| per example
+        thresh = kth_smallest(g_abs, d - k + 1)                        # k-th largest |g| per example (no sort)
         mask = (g_abs >= thresh).view_as(grad).to(x.dtype)
         n_moved = mask.flatten(1).sum(1).view(-1, 1, 1, 1).clamp_min(1)
         delta = project_l1_box(x, delta + step * grad.sign() * mask / n_moved, eps_b)
         obj, grad = value_and_grad(delta)
         improved = obj > best_obj
         best_obj = torch.where(improved, obj, best_obj)
-        best_delta[improved], best_grad[improved] = delta[improved], grad[improved]
+        better = improved.view(-1, 1, 1, 1)                             # masks, not boolean indexing: no sync
+        best_delta, best_grad = torch.where(better, delta, best_delta), torch.where(better, grad, best_grad)
 
         if (i + 1) % check_every == 0:   # adaptive sparsity and step size
             nnz = (best_delta.flatten(1).abs() > 1e-10).sum(1).to(x.dtype)

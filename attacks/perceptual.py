@@ -44,9 +44,15 @@ Start: x + N(0, 1e-4^2), clipped (upstream PerceptualPGDAttack starts from x + N
 Defaults: eps (bound) 0.5, step_size 2 eps / steps, cg_iters 5, h 1e-3, kappa 1 (upstream's defaults).
 steps = 10 is the cheaper TRAINING setting (self-bounded PAT trains with 10 iterations); use steps=40 for evaluation
 (the paper's CIFAR-10 setting).
-Cost per iteration (B images): 1 forward+backward of the model, 1 forward of phi with graph, per CG iteration one
-phi forward (finite difference) + one backward through phi, 1 phi forward for lam, and 1-10 phi forward+backward in
-the projection (see README for measured ratios).
+Cost per iteration (B images): 1 forward+backward of the model, per CG iteration one phi forward (finite difference)
++ one backward through phi, 1 phi forward for lam, and in the projection 1 phi forward+backward (Newton iteration 0)
+and 1 phi forward with graph (the membership check; its features, graph included, are those of the next step's point,
+so the step does not recompute them), plus 1 phi forward+backward per further Newton iteration (rare) and 10 phi
+forwards for the bisection fallback (rarer) (see README for measured ratios).
+Host syncs (GPU): every pass runs on the whole batch with masks, never on an indexed subset, so the only syncs are the
+data-dependent loop exits. One per step reads two at once: whether any point is still outside after the projection's
+first Newton iteration, and whether CG goes on for any point after CG_ASK_AFTER = 2 iterations (if not, the remaining
+iterations would change nothing and are skipped; if so, all of them run). A further Newton iteration adds one (rare).
 
 Deviations from the reference:
   - start noise std 1e-4 instead of upstream PerceptualPGDAttack's 0.01; see START_STD.
@@ -56,7 +62,7 @@ Deviations from the reference:
     sees valid images.  # DEVIATION tagged in ppgd
   - CG stops per point (residual^2 < 0.1) instead of when every point of the batch has converged, and the bisection
     fallback runs only on the points Newton did not project (upstream re-bisects the whole batch) -- per-point results
-    do not depend on the rest of the batch.  # DEVIATION tagged in _solve_cg and _project
+    do not depend on the rest of the batch.  # DEVIATION tagged in _cg_iteration and _project_end
   - lpips_net="self" on a model without features(): maps taken by forward hooks (upstream needs a FeatureModel
     with features()), so ppgd runs on any nn.Module.  # DEVIATION tagged in hooked_features
 Depends on: attacks/_common.py
@@ -74,6 +80,11 @@ CG_TOL = 0.1                # CG stops when the squared residual is below this (
 GRAD_TOL = 1e-4             # points with ||grad|| below this are left unchanged (upstream)
 START_STD = 1e-4            # DEVIATION: std of the Gaussian start (upstream PerceptualPGDAttack: 0.01)
 NEWTON_ITERS, OVERSHOOT, BISECT_ITERS = 10, 0.1, 10   # projection (upstream)
+CG_ASK_AFTER = 2            # CG iterations run before the batch is asked (in the step's one sync) if any point goes on
+# True: ask again before every further CG iteration (one more host sync each), so CG stops as soon as the whole batch
+# has converged, as upstream's loop; with CG_ASK_AFTER = 1 the CG work is then exactly upstream's. False (default):
+# once some point goes on after CG_ASK_AFTER iterations, all cg_iters run (no further sync).
+CG_ASK_EVERY_ITERATION = False
 KAPPA = 1.0                 # margin-loss cap
 EPS_MEANING = "square-rooted, un-weighted LPIPS distance d(x, x_adv) (feature network: lpips_net)"
 
@@ -158,42 +169,70 @@ def _jvp_fd(phi, x, feats_x, v, h=FD_H):
         return (lpips_features(phi, x + h * u) - feats_x) / h * nv[:, None]
 
 
-def _solve_cg(jtj, g, iters):
-    """Conjugate gradient for (J^T J) v = g per example, starting at v = 0; returns v."""
-    v, r = torch.zeros_like(g), g.clone()
-    p, rr = r.clone(), _bdot(r, r)
-    active = torch.ones_like(rr, dtype=torch.bool)
-    for it in range(iters):
-        # DEVIATION: per-point stop (upstream stops when the largest residual of the batch is small)
-        if it > 0:
-            active &= rr >= CG_TOL
-        if not active.any():
-            break
-        ap = jtj(p)
-        pap = _bdot(p, ap)
-        active &= pap > 0                                  # guard against a numerically indefinite product
-        alpha = torch.where(active, rr / pap.clamp_min(1e-30), torch.zeros_like(rr)).view(-1, 1, 1, 1)
-        v, r = v + alpha * p, r - alpha * ap
-        rr_new = _bdot(r, r)
-        p = r + (rr_new / rr.clamp_min(1e-30)).view(-1, 1, 1, 1) * p
-        rr = torch.where(active, rr_new, rr)
-    return v
+def _cg_start(g):
+    """CG state (v, r, p, rr, active) for (J^T J) v = g per example, at v = 0."""
+    r = g.clone()
+    return torch.zeros_like(g), r, r.clone(), _bdot(r, r), torch.ones(g.shape[0], dtype=torch.bool, device=g.device)
 
 
-def _first_order_step(model, phi, x_adv, y, step_b, dirn, loss_fn, kappa, cg_iters):
-    """One PPGD step from x_adv: solve (J^T J) v = grad with CG, move by a perceptual length step_b (upstream)."""
-    x_adv = x_adv.detach().requires_grad_(True)
-    logits = model(x_adv)
+def _cg_iteration(jtj, state, it):
+    """CG iteration `it` on the whole batch with masks: a point that has stopped gets alpha = 0 (v, r unchanged).
+
+    So an iteration in which every point has stopped changes nothing: the loop may run on past that point, and ppgd
+    asks only once per step (after CG_ASK_AFTER iterations) whether any point goes on.
+    """
+    v, r, p, rr, active = state
+    # DEVIATION: per-point stop (upstream stops when the largest residual of the batch is small)
+    if it > 0:
+        active = active & (rr >= CG_TOL)
+    ap = jtj(p)
+    pap = _bdot(p, ap)
+    active = active & (pap > 0)                            # guard against a numerically indefinite product
+    alpha = torch.where(active, rr / pap.clamp_min(1e-30), torch.zeros_like(rr)).view(-1, 1, 1, 1)
+    v, r = v + alpha * p, r - alpha * ap
+    rr_new = _bdot(r, r)
+    p = r + (rr_new / rr.clamp_min(1e-30)).view(-1, 1, 1, 1) * p
+    return v, r, p, torch.where(active, rr_new, rr), active
+
+
+def _cg_goes_on(state):
+    """(B,) bool: the points that the next CG iteration would still update (squared residual >= CG_TOL)."""
+    return state[4] & (state[3] >= CG_TOL)
+
+
+def _step_begin(model, phi, leaf, feats, y, dirn, loss_fn, kappa, cg_iters):
+    """First half of a PPGD step at `leaf` (a leaf requiring grad; feats: its phi features with their graph, or None):
+    the objective's gradient and the first min(CG_ASK_AFTER, cg_iters) CG iterations, no host sync. Returns (context,
+    CG state) for _step_end."""
+    logits = model(leaf)
     losses = margin_loss(logits, y, kappa) if loss_fn is None else loss_fn(logits, y)
-    (grad,) = torch.autograd.grad((dirn * losses).sum(), [x_adv])
-    feats = lpips_features(phi, x_adv)                     # graph kept for the products J^T w
-    feats_x, x0 = feats.detach(), x_adv.detach()
+    (grad,) = torch.autograd.grad((dirn * losses).sum(), [leaf])
+    if feats is None:
+        feats = lpips_features(phi, leaf)                  # graph kept for the products J^T w
+    feats_x, x0 = feats.detach(), leaf.detach()
 
     def jtj(vec):                                          # (J^T J) vec: FD forward, then backward through phi
-        (out,) = torch.autograd.grad(feats, [x_adv], grad_outputs=_jvp_fd(phi, x0, feats_x, vec), retain_graph=True)
+        (out,) = torch.autograd.grad(feats, [leaf], grad_outputs=_jvp_fd(phi, x0, feats_x, vec), retain_graph=True)
         return out
 
-    v = _solve_cg(jtj, grad, cg_iters)
+    state = _cg_start(grad)
+    for it in range(min(CG_ASK_AFTER, cg_iters)):
+        state = _cg_iteration(jtj, state, it)
+    return (phi, jtj, grad, x0, feats_x), state
+
+
+def _step_end(context, state, cg_iters, goes_on, step_b):
+    """Second half of a PPGD step (upstream): the remaining CG iterations if `goes_on` (some point had not converged
+    after the first CG_ASK_AFTER; else they change nothing), then x_{k+1} = clip(x_k + lam v, 0, 1) with
+    lam = step_b / ||J v||; points with ||grad|| < GRAD_TOL stay."""
+    phi, jtj, grad, x0, feats_x = context
+    if goes_on:
+        first = min(CG_ASK_AFTER, cg_iters)
+        for it in range(first, cg_iters):
+            if CG_ASK_EVERY_ITERATION and it > first and not bool(_cg_goes_on(state).any()):
+                break                                      # every point has stopped: the rest would change nothing
+            state = _cg_iteration(jtj, state, it)
+    v = state[0]
     jv_norm = _jvp_fd(phi, x0, feats_x, v).norm(dim=1)
     lam = step_b.flatten() / jv_norm.clamp_min(1e-12)
     move = (grad.flatten(1).norm(dim=1) >= GRAD_TOL) & (jv_norm > 0)
@@ -201,41 +240,77 @@ def _first_order_step(model, phi, x_adv, y, step_b, dirn, loss_fn, kappa, cg_ite
     return (x0 + lam * v).clamp(0.0, 1.0).detach()
 
 
+def _check(phi, feats_clean, eps_v, state):
+    """A membership check of the projection: phi features (with graph) of the current point, its distance, and the
+    points still outside among those stepped last (state["todo"]). Whole batch, no host sync."""
+    xi = state["x_out"].detach().requires_grad_(True)
+    feats = lpips_features(phi, xi)
+    dist = (feats - feats_clean).norm(dim=1)
+    state.update(xi=xi, feats=feats, dist=dist, outside=state["todo"] & (dist.detach() > eps_v))
+
+
+def _newton_step(eps_v, state):
+    """One Newton step with overshoot on the points found outside by the last check (the others keep their point)."""
+    xi, dist, outside = state["xi"], state["dist"], state["outside"]
+    (gd,) = torch.autograd.grad(dist.sum(), [xi])
+    size = ((dist.detach() - eps_v).clamp_min(0.0) + OVERSHOOT) * (1 + OVERSHOOT)
+    inv_grad = gd / gd.flatten(1).pow(2).sum(1).clamp_min(1e-20).view(-1, 1, 1, 1)
+    stepped = (xi.detach() - size.view(-1, 1, 1, 1) * inv_grad).clamp(0.0, 1.0)
+    state.update(x_out=torch.where(outside.view(-1, 1, 1, 1), stepped, state["x_out"]), todo=outside,
+                 newton=state["newton"] + 1)
+
+
+def _project_begin(phi, x, feats_clean, x_adv, eps_v):
+    """The projection up to its first host sync: check 0, Newton iteration 0 (if NEWTON_ITERS >= 1) and the forward
+    of check 1. Returns the state for _project_end, whose state["outside"].any() is the pending question.
+
+    Checks j = 0 .. NEWTON_ITERS look at the current point of the points stepped since the last check (all at j = 0);
+    after check j < NEWTON_ITERS the points outside take a Newton step, after the last one they are bisected. The
+    projection ends at the first check j >= 1 with no point outside. Every pass runs on the whole batch with masks: a
+    point changes only while it is outside and is frozen once a check finds it inside, exactly as if the points still
+    outside were run alone (per-point results do not depend on the rest of the batch, given a feature network that
+    treats points independently, e.g. in eval mode).
+    """
+    state = {"x_adv": x_adv, "x_out": x_adv.detach(), "newton": 0,
+             "todo": torch.ones(x.shape[0], dtype=torch.bool, device=x.device)}
+    _check(phi, feats_clean, eps_v, state)
+    if NEWTON_ITERS >= 1:      # check 0 asks nothing: after a step some point is usually outside
+        _newton_step(eps_v, state)
+        _check(phi, feats_clean, eps_v, state)
+    return state
+
+
+def _project_end(phi, x, feats_clean, eps_v, state, any_outside):
+    """The rest of the projection, given any_outside = state["outside"].any() read by the caller. Returns
+    (x_out, cached): cached = (leaf, features with graph) of x_out when the last check computed them, else None.
+
+    Each further check (a second Newton iteration: rare, the overshoot usually lands a point well inside) costs one
+    host sync; the bisection fallback (rarer) none.
+    """
+    while any_outside:
+        if state["newton"] >= NEWTON_ITERS:               # bisection fallback on the unprojected step
+            # DEVIATION: only the points Newton did not project (upstream re-bisects the whole batch)
+            delta = state["x_adv"] - x
+            lo = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
+            hi = torch.ones_like(lo)
+            with torch.no_grad():
+                for _ in range(BISECT_ITERS):
+                    mid = (lo + hi) / 2
+                    inside = (lpips_features(phi, x + mid.view(-1, 1, 1, 1) * delta) - feats_clean).norm(dim=1) \
+                        <= eps_v
+                    lo, hi = torch.where(inside, mid, lo), torch.where(inside, hi, mid)
+            return torch.where(state["outside"].view(-1, 1, 1, 1), x + lo.view(-1, 1, 1, 1) * delta,
+                               state["x_out"]), None
+        _newton_step(eps_v, state)
+        _check(phi, feats_clean, eps_v, state)
+        any_outside = bool(state["outside"].any())
+    return state["x_out"], (state["xi"], state["feats"])
+
+
 def _project(phi, x, feats_clean, x_adv, eps_v):
     """Project x_adv into {d(x, .) <= eps}: Newton steps with overshoot, then bisection on [x, x_adv] (upstream)."""
-    x_out = x_adv.clone()
-    todo = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-    for _ in range(NEWTON_ITERS):
-        idx = todo.nonzero().squeeze(1)
-        if idx.numel() == 0:
-            return x_out
-        xi = x_out[idx].detach().requires_grad_(True)
-        dist = (lpips_features(phi, xi) - feats_clean[idx]).norm(dim=1)
-        (gd,) = torch.autograd.grad(dist.sum(), [xi])
-        outside = dist.detach() > eps_v[idx]
-        size = ((dist.detach() - eps_v[idx]).clamp_min(0.0) + OVERSHOOT) * (1 + OVERSHOOT)
-        inv_grad = gd / gd.flatten(1).pow(2).sum(1).clamp_min(1e-20).view(-1, 1, 1, 1)
-        stepped = (xi.detach() - size.view(-1, 1, 1, 1) * inv_grad).clamp(0.0, 1.0)
-        x_out[idx[outside]] = stepped[outside]
-        todo[idx[~outside]] = False
-    idx = todo.nonzero().squeeze(1)                        # verify the points stepped in the last iteration
-    if idx.numel() > 0:
-        with torch.no_grad():
-            dist = (lpips_features(phi, x_out[idx]) - feats_clean[idx]).norm(dim=1)
-        idx = idx[dist > eps_v[idx]]
-    if idx.numel() > 0:                                    # bisection fallback on the unprojected step
-        # DEVIATION: only the points Newton did not project (upstream re-bisects the whole batch)
-        xs, delta = x[idx], x_adv[idx] - x[idx]
-        lo = torch.zeros(idx.numel(), device=x.device, dtype=x.dtype)
-        hi = torch.ones_like(lo)
-        with torch.no_grad():
-            for _ in range(BISECT_ITERS):
-                mid = (lo + hi) / 2
-                inside = (lpips_features(phi, xs + mid.view(-1, 1, 1, 1) * delta) - feats_clean[idx]).norm(dim=1) \
-                    <= eps_v[idx]
-                lo, hi = torch.where(inside, mid, lo), torch.where(inside, hi, mid)
-        x_out[idx] = xs + lo.view(-1, 1, 1, 1) * delta
-    return x_out
+    state = _project_begin(phi, x, feats_clean, x_adv, eps_v)
+    return _project_end(phi, x, feats_clean, eps_v, state, bool(state["outside"].any()))[0]
 
 
 def ppgd(model, x, y, *, eps=0.5, steps=10, step_size=None, lpips_net="self", cg_iters=5, direction=1,
@@ -263,9 +338,27 @@ def ppgd(model, x, y, *, eps=0.5, steps=10, step_size=None, lpips_net="self", cg
         feats_clean = lpips_features(phi, x)
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     # DEVIATION: the start is clipped to the image box (upstream: unclipped until the first step)
-    x_adv = _project(phi, x, feats_clean, (x + START_STD * noise).clamp(0.0, 1.0), eps_v)
+    proj = _project_begin(phi, x, feats_clean, (x + START_STD * noise).clamp(0.0, 1.0), eps_v)
     for _ in range(steps):
-        x_adv = _first_order_step(model, phi, x_adv, y, step_b, dirn, loss_fn, kappa, cg_iters)
-        x_adv = _project(phi, x, feats_clean, x_adv, eps_v)
+        # Speculatively start the step at the point of the pending projection check (its features, with their graph,
+        # are already computed), then read both pending questions at once -- "is any point still outside?" (the
+        # projection's exit) and "does CG go on for any point after CG_ASK_AFTER iterations?" (CG's exit) -- in ONE
+        # host sync, the only one of a step. It is unavoidable: both answers decide whether to launch more phi passes
+        # of the whole batch; without them every step would run all cg_iters CG iterations (late in an attack the
+        # batch often converges after 1-3), all NEWTON_ITERS Newton iterations and the bisection. If the projection
+        # is not done (rare), the speculative start is dropped and redone at the projected point (a few more syncs,
+        # in _project_end).
+        context, cg = _step_begin(model, phi, proj["xi"], proj["feats"], y, dirn, loss_fn, kappa, cg_iters)
+        any_outside, goes_on = torch.stack([proj["outside"].any(), _cg_goes_on(cg).any()]).tolist()
+        if any_outside:
+            x_adv, cached = _project_end(phi, x, feats_clean, eps_v, proj, True)
+            context, cg = _step_begin(model, phi, *(cached or (x_adv.detach().requires_grad_(True), None)), y, dirn,
+                                      loss_fn, kappa, cg_iters)
+            del cached
+            goes_on = bool(_cg_goes_on(cg).any())
+        x_next = _step_end(context, cg, cg_iters, goes_on, step_b)
+        del context, cg, proj                              # free this step's phi graph before the projection
+        proj = _project_begin(phi, x, feats_clean, x_next, eps_v)
+    x_adv, _ = _project_end(phi, x, feats_clean, eps_v, proj, bool(proj["outside"].any()))
     x_adv = torch.where(eps_v.view(-1, 1, 1, 1) > 0, x_adv, x)   # eps = 0 -> exactly x
     return x_adv.clamp(0.0, 1.0).detach()

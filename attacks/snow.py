@@ -43,7 +43,7 @@ Depends on: attacks/_common.py
 import torch
 import torch.nn.functional as F
 
-from attacks._common import check_inputs, latent_pgd, per_sample, project_l2
+from attacks._common import check_inputs, device_constant, latent_pgd, per_sample, project_l2
 
 # CIFAR-10 levels of the reference (eps: models/cifar10/cifar10_config.py; step size / steps: models.sh)
 LEVELS = {
@@ -64,9 +64,9 @@ def flake_kernels(b: int, layers: int, size: int, blur_size: int, *, device, dty
     n, c = b * layers, size // 2
     kw = {"device": device, "generator": generator}
     end = torch.randint(1, c + 1, (n, 1, 1, 2), **kw).to(dtype)           # endpoint offset (dx, dy) in [1, c]^2
-    probs = torch.tensor(FLAKE_WIDTH_PROBS, device=device)
-    width = torch.tensor(FLAKE_WIDTHS, device=device, dtype=dtype)[
-        torch.multinomial(probs, n, replacement=True, generator=generator)].view(n, 1, 1)
+    probs = device_constant("snow.width_probs", lambda: torch.tensor(FLAKE_WIDTH_PROBS), device)
+    widths = device_constant("snow.widths", lambda: torch.tensor(FLAKE_WIDTHS, dtype=torch.float64), device, dtype)
+    width = widths[torch.multinomial(probs, n, replacement=True, generator=generator)].view(n, 1, 1)
     t = torch.arange(-c, c + 1, device=device, dtype=dtype)
     gy, gx = torch.meshgrid(t, t, indexing="ij")
     taps = torch.stack([gx, gy], -1)                                        # (k, k, 2) offsets from the centre
@@ -96,7 +96,9 @@ def flake_kernels(b: int, layers: int, size: int, blur_size: int, *, device, dty
 
 def discolour(x: torch.Tensor, strength: float) -> torch.Tensor:
     """The reference's wintery tint: (1 - d) x + d max(x, 1.5 luma(x) + 0.5)."""
-    luma = (torch.tensor(LUMA, device=x.device, dtype=x.dtype).view(1, 3, 1, 1) * x).sum(1, keepdim=True)
+    weights = device_constant("snow.luma", lambda: torch.tensor(LUMA, dtype=torch.float64).view(1, 3, 1, 1),
+                              x.device, x.dtype)
+    luma = (weights * x).sum(1, keepdim=True)
     return (1 - strength) * x + strength * torch.maximum(x, 1.5 * luma + 0.5)
 
 

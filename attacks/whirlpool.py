@@ -36,8 +36,9 @@ Depends on: attacks/_common.py
 import math
 
 import torch
+import torch.nn.functional as F
 
-from attacks._common import check_inputs, identity_grid, latent_pgd, per_sample, project_l2, warp
+from attacks._common import check_inputs, identity_grid, latent_pgd, per_sample, project_l2
 
 LEVELS = {   # the reference's CIFAR-10 eps low/medium/high; step size and steps are the same at every level
     "low": {"eps": 20.0, "steps": 50, "step_size": 16.0},
@@ -50,19 +51,31 @@ RADIUS = 0.5              # swirl radius (grid_sample units)
 MIN_STRENGTH = 0.5        # s_min
 
 
+def swirl_geometry(grid, centres, radius=RADIUS):
+    """The strength-free part of the swirl, computed once per call: offsets d = p - c_k split into (dx, dy) and the
+    radial decay exp(-|d| / rho), each (B, H, W, K)."""
+    rho = math.log(2.0) * radius / 5.0
+    d = grid.unsqueeze(3) - centres[:, None, None]                                 # (B, H, W, K, 2)
+    r = d.norm(dim=-1)                                                             # (B, H, W, K)
+    dx, dy = d.unbind(-1)
+    return dx.contiguous(), dy.contiguous(), torch.exp(-r / rho)
+
+
+def swirl_from_geometry(geometry, strengths, min_strength=MIN_STRENGTH):
+    """Per-pixel displacement (B, H, W, 2) from swirl_geometry's output and the strengths (B, K) (|.| used)."""
+    dx, dy, decay = geometry
+    phi = (strengths.abs() + min_strength)[:, None, None, :] * decay
+    cos_m1, sin = torch.cos(phi) - 1, torch.sin(phi)
+    # R(phi) d - d, max over whirlpools per component (the same values as the max of the stacked pair)
+    return torch.stack([(cos_m1 * dx - sin * dy).amax(dim=3), (sin * dx + cos_m1 * dy).amax(dim=3)], dim=-1)
+
+
 def swirl_displacement(grid, centres, strengths, min_strength=MIN_STRENGTH, radius=RADIUS):
     """Per-pixel displacement (B, H, W, 2): elementwise max over whirlpools of the swirl displacements.
 
     grid (B, H, W, 2) identity grid, centres (B, K, 2), strengths (B, K) (|.| used), min_strength (B, 1) or float.
     """
-    rho = math.log(2.0) * radius / 5.0
-    d = grid.unsqueeze(3) - centres[:, None, None]                                 # (B, H, W, K, 2)
-    r = d.norm(dim=-1)                                                             # (B, H, W, K)
-    phi = (strengths.abs() + min_strength)[:, None, None, :] * torch.exp(-r / rho)
-    cos_m1, sin = torch.cos(phi) - 1, torch.sin(phi)
-    dx, dy = d.unbind(-1)
-    delta = torch.stack([cos_m1 * dx - sin * dy, sin * dx + cos_m1 * dy], dim=-1)  # R(phi) d - d
-    return delta.amax(dim=3)                                                       # max over whirlpools, (B,H,W,2)
+    return swirl_from_geometry(swirl_geometry(grid, centres, radius), strengths, min_strength)
 
 
 def whirlpool(model, x, y, *, eps=100.0, steps=50, step_size=16.0, direction=1, loss_fn=None, generator=None,
@@ -83,12 +96,18 @@ def whirlpool(model, x, y, *, eps=100.0, steps=50, step_size=16.0, direction=1, 
     grid = identity_grid(b, h, w, device=x.device, dtype=x.dtype)
     # DEVIATION: s_min gated on eps > 0 -- eps = 0 must return x (attack contract, README.md)
     s_min = (eps_b > 0).to(x.dtype) * min_strength
+    # per-call constants, not recomputed at every step: the swirl geometry, x and the identity grid in float64
+    geometry = swirl_geometry(grid, centres, radius)
+    x64 = x.double()
+    grid64 = identity_grid(b, h, w, device=x.device, dtype=torch.float64)
 
     def render(strengths):
         # sampled in float64: in float32 grid_sample's unnormalisation (g + 1) / 2 * (W - 1) rounds and the identity
         # grid reproduces x only to ~3e-6; in float64 it is exact after casting back (eps = 0 -> x)
-        delta = swirl_displacement(grid, centres, strengths, s_min, radius)
-        return warp(x.double(), delta.double(), padding_mode="zeros").to(x.dtype)
+        # (= warp(x.double(), delta.double(), "zeros") with its float64 identity grid made once)
+        delta = swirl_from_geometry(geometry, strengths, s_min)
+        return F.grid_sample(x64, grid64 + delta.double(), mode="bilinear", padding_mode="zeros",
+                             align_corners=True).to(x.dtype)
 
     def project(strengths):
         return project_l2(strengths, eps_b)

@@ -4,10 +4,13 @@
     python -m tests.bench --device cpu --width 8 --batch-size 32 --iters 6
     python -m tests.bench --attacks all --samplers cas,sat  # every registered attack as an arm
 
-Prints ratios, which transfer across machines better than seconds: CAS/SAT (target <= 1.02: the bandit must cost
-nothing next to the attack) and AVG/SAT (about the number of arms), and for every registered attack the time of one
-attack step relative to one linf PGD step (the fixed per-call cost, e.g. drawing random structure, is removed by
-timing `steps` and 0 steps).
+Prints ratios, which transfer across machines better than seconds: CAS/SAT (target <= 1.005: the bandit must cost
+nothing next to the attack), AVG/SAT (about the number of arms), the model-pass fraction of an iteration (its time /
+(attack steps x one input-gradient pass + training passes x one forward+backward pass), target <= 1.15: everything
+that is not a model pass -- rendering, projections, the bandit, the optimizer -- adds at most 15%), and for every
+registered attack the time of one attack step relative to one linf PGD step (the fixed per-call cost, e.g. drawing
+random structure, is removed by timing `steps` and 0 steps; target <= 1.25, PPGD <= 4).
+`main()` also returns the numbers as a dict (tests/gpu_check.py uses them).
 """
 
 import argparse
@@ -15,6 +18,7 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
 import attacks
 import cas
@@ -64,8 +68,13 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=10, help="timed iterations per sampler (after 2 warm-up)")
     p.add_argument("--step-probe", type=int, default=3, help="steps used to time one attack step")
     p.add_argument("--skip-attacks", action="store_true", help="skip the per-attack step timing")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast for the training passes (cas.py --amp)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (cas.py --compile)")
+    p.add_argument("--attack-bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 model forward inside the attacks (cas.py --attack-bf16; default: on for CUDA)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    bf16 = device.type == "cuda" if args.attack_bf16 is None else args.attack_bf16
     width = args.width or (64 if device.type == "cuda" else 8)
     bs = args.batch_size or (128 if device.type == "cuda" else 32)
     names = [n for n in attacks.ALL if n in attacks.ATTACKS] if args.attacks == "all" else attacks.registered(args.attacks)
@@ -73,13 +82,15 @@ def main(argv=None):
     model = cas.build_model(10, (0.5,) * 3, (0.25,) * 3, width).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    model = torch.compile(model) if args.compile else model
     x = torch.rand(bs, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (bs,), device=device)
     print(f"device {device} | PreActResNet-18 width {width} | batch {bs} | arms {','.join(names)} | "
-          f"{args.attack_steps} attack steps | torch {torch.__version__} | threads {torch.get_num_threads()}")
+          f"{args.attack_steps} attack steps | amp {args.amp} | attack-bf16 {bf16} | compile {args.compile} | torch {torch.__version__} | "
+          f"threads {torch.get_num_threads()}")
 
     weights = cas.scenario_weights(names, "cifar")
-    arms = cas.make_arms(names, "train", "cifar10", args.attack_steps, {})
+    arms = cas.make_arms(names, "train", "cifar10", args.attack_steps, {}, bf16=bf16)
     samplers = args.samplers.split(",")
     # Every single-arm sampler does its real work (probs, sample, update) but the arm actually attacked comes from
     # one common pre-drawn sequence, so the ratios measure the samplers' cost and not a different mix of attacks.
@@ -95,7 +106,7 @@ def main(argv=None):
     for r in range(args.iters + 2):
         for sampler_name in samplers[r % len(samplers):] + samplers[:r % len(samplers)]:   # rotate who goes first
             sampler, opt = state[sampler_name]
-            t = time_it(lambda: cas.train_step(model, opt, x, y, arms, weights, sampler, 8 / 9, False),
+            t = time_it(lambda: cas.train_step(model, opt, x, y, arms, weights, sampler, 8 / 9, args.amp),
                         device, 1)
             if r >= 2:   # warm-up rounds
                 times[sampler_name].append(t)
@@ -112,24 +123,54 @@ def main(argv=None):
     bandit_us = (time.perf_counter() - t) / 2000 * 1e6
     print(f"  CAS bookkeeping (probs + sample + update, {len(names)} arms, W=10): {bandit_us:.0f} us / iteration")
     if "cas" in per_iter and "sat" in per_iter:
-        print(f"ratio CAS/SAT = {per_iter['cas'] / per_iter['sat']:.3f} (target <= 1.02); "
+        print(f"ratio CAS/SAT = {per_iter['cas'] / per_iter['sat']:.3f} (target <= 1.005); "
               f"bookkeeping / SAT iteration = {bandit_us * 1e-6 / per_iter['sat']:.4f}")
     if "avg" in per_iter and "sat" in per_iter:
         print(f"ratio AVG/SAT = {per_iter['avg'] / per_iter['sat']:.2f} (about the number of arms, {len(names)})")
-
+    t_ig, t_fb = pass_times(model, x, y, device, args.amp, bf16)
+    passes = {n: (len(names) * args.attack_steps, len(names) + 1) if n == "avg" else (args.attack_steps, 2)
+              for n in per_iter}   # (input-gradient passes, training forward+backward passes) per iteration
+    fraction = {n: per_iter[n] / (a * t_ig + b * t_fb) for n, (a, b) in passes.items()}
+    print(f"model passes: input-gradient {t_ig * 1e3:.1f} ms, training forward+backward {t_fb * 1e3:.1f} ms; "
+          f"iteration / model passes: " + ", ".join(f"{n.upper()} {f:.3f}" for n, f in fraction.items())
+          + " (target <= 1.15)")
+    out = {"device": str(device), "width": width, "batch": bs, "arms": names, "amp": args.amp, "attack_bf16": bf16,
+           "compile": args.compile, "ms_per_iter": {n: v * 1e3 for n, v in per_iter.items()}, "fraction": fraction,
+           "ms_input_grad_pass": t_ig * 1e3, "ms_train_pass": t_fb * 1e3, "bandit_us": bandit_us}
     if args.skip_attacks:
-        return
+        return out
     model.eval()
     k = args.step_probe
     print(f"per-attack time per step relative to one linf step ({k}-step minus 0-step calls, median of 3):")
     cost = {}
     for name in [n for n in attacks.ALL if n in attacks.ATTACKS]:
         fn = attacks.ATTACKS[name]
-        t_k = time_it(lambda: fn(model, x, y, steps=k), device, 3)
-        t_0 = time_it(lambda: fn(model, x, y, steps=0), device, 3)
+        m = cas.attack_model(model, bf16)
+        t_k = time_it(lambda: fn(m, x, y, steps=k), device, 3)
+        t_0 = time_it(lambda: fn(m, x, y, steps=0), device, 3)
         cost[name] = max(t_k - t_0, 1e-9) / k
         print(f"  {name:13s} {cost[name] * 1e3:8.1f} ms/step  {cost[name] / cost['linf']:6.2f}x linf  "
               f"(fixed per call {t_0 * 1e3:.1f} ms)", flush=True)
+    return {**out, "step_vs_linf": {n: c / cost["linf"] for n, c in cost.items()},
+            "ms_per_step": {n: c * 1e3 for n, c in cost.items()}, "attack_steps": args.attack_steps}
+
+
+def pass_times(model, x, y, device, amp, bf16, reps=5):
+    """Median time of one input-gradient pass (eval mode, as the attacks see the model) and one training
+    forward+backward pass (with --amp's autocast)."""
+    def input_grad():
+        model.eval()
+        xg = x.clone().requires_grad_(True)
+        torch.autograd.grad(F.cross_entropy(cas.attack_model(model, bf16)(xg), y), xg)
+
+    def train_pass():
+        model.train()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    input_grad(), train_pass()   # warm-up
+    return time_it(input_grad, device, reps), time_it(train_pass, device, reps)
 
 
 if __name__ == "__main__":
