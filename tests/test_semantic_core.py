@@ -173,14 +173,14 @@ class TestGabor(unittest.TestCase):
         self.assertTrue(all(g.abs().max() <= 0.03 + 1e-7 and ((g != 0) <= support).all() for g in seen))
         self.assertTrue(0.07 < support.float().mean().item() < 0.13)             # density 0.1
 
-    def test_one_kernel_per_call_unless_redraw(self):
+    def test_kernel_redrawn_every_pass_as_the_reference(self):
         xb, y = batch()
         with mock.patch.object(gabor, "draw_kernel", wraps=gabor.draw_kernel) as spy:
-            gabor.gabor(tiny_model(), xb, y, steps=3)
-        self.assertEqual(spy.call_count, 1)
-        with mock.patch.object(gabor, "draw_kernel", wraps=gabor.draw_kernel) as spy:
-            gabor.gabor(tiny_model(), xb, y, steps=3, redraw_kernel=True)        # the reference's behaviour
+            gabor.gabor(tiny_model(), xb, y, steps=3)                            # the reference's behaviour
         self.assertEqual(spy.call_count, 4)                                      # 3 steps + the final image
+        with mock.patch.object(gabor, "draw_kernel", wraps=gabor.draw_kernel) as spy:
+            gabor.gabor(tiny_model(), xb, y, steps=3, redraw_kernel=False)       # opt-in: one kernel per call
+        self.assertEqual(spy.call_count, 1)
 
 
 class TestJpeg(unittest.TestCase):
