@@ -20,7 +20,11 @@ Deviations from the reference:
   samples with align_corners=False, so even a zero flow halves the border pixels (dark frame, quarter-bright
   corners). Here the grid and grid_sample both use align_corners=True (attacks._common.warp, run in float64 so
   the identity holds to float32 precision): a zero flow returns x exactly. One grid unit is therefore
-  (W - 1) / 2 px instead of W / 2 px (15.5 vs 16 px on CIFAR).
+  (W - 1) / 2 px instead of W / 2 px (15.5 vs 16 px on CIFAR). Measured effect (tests/upstream_semantic_check.py,
+  200 CIFAR-10 test images, 3 seeds): ours is weaker than the reference by 4.0 accuracy points on a width-8 PGD
+  model and 7.0 on a width-16 PGD-AT model, and the reference patched to an align_corners=True identity grid gives
+  exactly our numbers: the gap is the reference's zoom-out and half-black frame at zero flow (3 points on the
+  width-16 model before any attack), which the attack then amplifies. Kept: it is what the eps = 0 identity needs.
 - H or W not divisible by upsample_factor: the flow has ceil(H/s) x ceil(W/s) cells (the reference assumes
   divisibility).
 
