@@ -582,7 +582,7 @@ def finish(model, data, stage, args, state, out_dir, wall_s):
                "attacks": stage.attacks, "weights": stage.weights, "sampler": args.sampler,
                "eval_examples": len(data["test_y"]), "eps_table": state["eps_table"]}
     write_json(out_dir / "results.json", results)
-    before, after = results["initial"] or {}, results["final"] or {}
+    before, after = results["initial"] or {}, results["final"] or results["pretrain"] or {}   # pretraining only
     rows = [("clean", "clean"), ("avg robust", "avg_robust")] + [(n, n) for n in stage.attacks]
     get = lambda r, k: r.get("attacks", {}).get(k, r.get(k)) if r else None   # noqa: E731
     print(f"\ntest accuracy, first {len(data['test_y'])} test images (attacks at --eval-attack-steps "

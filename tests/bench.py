@@ -77,7 +77,8 @@ def main(argv=None):
     bf16 = device.type == "cuda" if args.attack_bf16 is None else args.attack_bf16
     width = args.width or (64 if device.type == "cuda" else 8)
     bs = args.batch_size or (128 if device.type == "cuda" else 32)
-    names = [n for n in attacks.ALL if n in attacks.ATTACKS] if args.attacks == "all" else attacks.registered(args.attacks)
+    names = [n for n in attacks.ALL if n in attacks.ATTACKS] if args.attacks == "all" else \
+        attacks.registered(args.attacks)
     torch.manual_seed(0)
     model = cas.build_model(10, (0.5,) * 3, (0.25,) * 3, width).to(device)
     if device.type == "cuda":
@@ -86,8 +87,8 @@ def main(argv=None):
     x = torch.rand(bs, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (bs,), device=device)
     print(f"device {device} | PreActResNet-18 width {width} | batch {bs} | arms {','.join(names)} | "
-          f"{args.attack_steps} attack steps | amp {args.amp} | attack-bf16 {bf16} | compile {args.compile} | torch {torch.__version__} | "
-          f"threads {torch.get_num_threads()}")
+          f"{args.attack_steps} attack steps | amp {args.amp} | attack-bf16 {bf16} | compile {args.compile} | "
+          f"torch {torch.__version__} | threads {torch.get_num_threads()}")
 
     weights = cas.scenario_weights(names, "cifar")
     arms = cas.make_arms(names, "train", "cifar10", args.attack_steps, {}, bf16=bf16)
@@ -101,7 +102,7 @@ def main(argv=None):
         ns = argparse.Namespace(sampler=sampler_name, alpha=10.0, window=10, tradeoff=True, ucb=True, seed=0)
         real = cas.make_sampler(sampler_name, weights, ns)
         state[sampler_name] = (None if real is None else Replay(real, seq),
-                               torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9))
+                               cas.make_sgd(model.parameters(), device, 1e-4, 0.9))
     times = {n: [] for n in samplers}
     for r in range(args.iters + 2):
         for sampler_name in samplers[r % len(samplers):] + samplers[:r % len(samplers)]:   # rotate who goes first

@@ -59,9 +59,11 @@ def scripts(device, quick):
     tmp, w = Path(tempfile.mkdtemp(prefix="gpu_check_")), "8" if quick else "16"
     common = ["--dataset", "fake", "--device", device, "--width", w, "--attack-steps", "2", "--eval-examples", "32"]
     runs = [("cas.py (cas)", ["cas.py", *common, "--pretrain-epochs", "1", "--epochs", "1", "--max-steps", "3",
-                              "--eval-attack-steps", "2", "--attacks", "linf,l1,ppgd,fog,jpeg", "--out-dir", tmp / "cas"]),
+                              "--eval-attack-steps", "2", "--attacks", "linf,l1,ppgd,fog,jpeg",
+                              "--out-dir", tmp / "cas"]),
             ("cas.py (sat)", ["cas.py", *common, "--sampler", "sat", "--init-ckpt", tmp / "cas" / "model.pt",
-                              "--epochs", "1", "--max-steps", "3", "--eval-attack-steps", "2", "--out-dir", tmp / "sat"]),
+                              "--epochs", "1", "--max-steps", "3", "--eval-attack-steps", "2",
+                              "--out-dir", tmp / "sat"]),
             ("cas.py (avg)", ["cas.py", *common, "--sampler", "avg", "--init-ckpt", tmp / "cas" / "model.pt",
                               "--epochs", "1", "--max-steps", "3", "--eval-attack-steps", "2", "--attacks",
                               "linf,l2,l1" if quick else ",".join(attacks.ALL), "--out-dir", tmp / "avg"]),
