@@ -25,8 +25,9 @@ Models get x in [0, 1] (normalisation inside the model, as upstream's wrappers d
 Protocol: the first --n test images in batches of --batch; per attack, seed and batch i both implementations run
 on the same images and labels after seeding python, numpy and torch with 1000 * seed + i; accuracy of the model on
 the returned images (upstream's output is evaluated as returned, like upstream evaluate.py; its range is
-recorded), wall and process-CPU seconds per call (one call = one batch). Variant "gabor+redraw" runs our gabor
-with redraw_kernel=True (upstream's per-step kernel re-draw) against upstream gabor.
+recorded), wall and process-CPU seconds per call (one call = one batch). Variants "gabor+redraw" / "gabor+fixed"
+run our gabor with redraw_kernel=True (upstream's per-step kernel re-draw) / False (one kernel per call) against
+upstream gabor.
 
 Results go to --out (JSON, rewritten atomically after every (attack, seed, side); rerunning skips what is there).
 A markdown table is printed at the end. test_matches_upstream (below) is the opt-in pytest version.
@@ -51,7 +52,8 @@ import torch
 
 SEMANTIC = ("wood", "elastic", "pixel", "snow", "gabor", "jpeg", "glitch", "kaleidoscope",
             "blur", "edge", "fog", "texture", "prison", "whirlpool", "polkadot", "klotski", "hsv")
-VARIANTS = {"gabor+redraw": ("gabor", {"redraw_kernel": True})}   # name -> (attack, extra kwargs of ours)
+VARIANTS = {"gabor+redraw": ("gabor", {"redraw_kernel": True}),   # name -> (attack, extra kwargs of ours)
+            "gabor+fixed": ("gabor", {"redraw_kernel": False})}
 LEVELS = ("low", "medium", "high")
 TOLERANCE = {"gabor": 15.0}        # |ours - upstream| in accuracy points allowed by the pytest check
 DEFAULT_TOLERANCE = 10.0
@@ -234,8 +236,9 @@ def settings_text(settings):
         same = all(math.isclose(float(u[k]), float(o[k]), rel_tol=1e-9) for k in ("eps", "steps", "step_size"))
         out.append(f"{name:13s} eps/steps/step  upstream {u['eps']:.6g} / {u['steps']} / {u['step_size']:g}   "
                    f"ours {o['eps']:.6g} / {o['steps']} / {o['step_size']:g}   {'same' if same else 'DIFFERENT'}")
-        out.append(f"{'':13s} upstream params {json.dumps({k: v for k, v in u.items() if k not in ('eps', 'steps', 'step_size')})}")
-        out.append(f"{'':13s} ours params     {json.dumps({k: v for k, v in o.items() if k not in ('eps', 'steps', 'step_size')}, default=str)}")
+        for side, d in (("upstream", u), ("ours", o)):
+            rest = {k: v for k, v in d.items() if k not in ("eps", "steps", "step_size")}
+            out.append(f"{'':13s} {side + ' params':15s} {json.dumps(rest, default=str)}")
     return "\n".join(out)
 
 
