@@ -218,7 +218,7 @@ def latent_pgd(model, x, y, latent, render, project, *, steps, step_size, direct
     """
     loss_fn = ce_losses if loss_fn is None else loss_fn
     dirn = per_sample(direction, x).flatten()
-    size = step_size if isinstance(step_size, torch.Tensor) else torch.tensor(float(step_size), device=x.device)
+    size = step_size if isinstance(step_size, torch.Tensor) else float(step_size)   # a float: no host->device copy
     latent = project(latent.detach())
     for _ in range(steps):
         latent.requires_grad_(True)
@@ -230,10 +230,8 @@ def latent_pgd(model, x, y, latent, render, project, *, steps, step_size, direct
             step = grad / (grad.flatten(1).norm(dim=1).view(-1, *([1] * (grad.dim() - 1))) + 1e-8)
         else:
             raise ValueError(f"unknown step_rule {step_rule!r}; choose from 'sign', 'l2'")
-        if size.dim() == 1:
-            size_b = size.view(-1, *([1] * (grad.dim() - 1)))
-        else:
-            size_b = size
+        size_b = size.view(-1, *([1] * (grad.dim() - 1))) if isinstance(size, torch.Tensor) and size.dim() == 1 \
+            else size
         latent = project(latent.detach() + size_b * step)
     with torch.no_grad():
         return render(latent).clamp(0.0, 1.0).detach()

@@ -19,13 +19,15 @@ Deviations from the reference:
   - An absolute floor MIN_MAGNITUDE on the magnitude, so that a flat image (whose maximum is rounding noise) has no
     edges instead of edges everywhere.
 
-Depends on: torch only.
+Depends on: attacks/_common.py
 """
 
 import math
 
 import torch
 import torch.nn.functional as F
+
+from attacks._common import device_constant
 
 CANNY_THRESHOLD = 0.1   # normalised magnitude threshold of the reference (step 7 above)
 CANNY_SIGMA = 1.0       # 3x3 Gaussian, sigma 1 on the [-1, 1] grid (step 1)
@@ -39,18 +41,22 @@ MIN_MAGNITUDE = 1e-5
 _NMS_OFFSETS = ((0, 1), (1, 1), (1, 0), (1, -1))
 
 
+def _kernels():
+    """The 3x3 Gaussian (normalised) and the derivative kernels x / (x^2 + y^2) on the [-1, 1] grid (0 at the centre):
+    rows [-1/2, 0, 1/2], [-1, 0, 1], [-1/2, 0, 1/2] and the transpose."""
+    t = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)
+    yy, xx = torch.meshgrid(t, t, indexing="ij")
+    gauss = torch.exp(-(xx ** 2 + yy ** 2) / (2 * CANNY_SIGMA ** 2))
+    r2 = (xx ** 2 + yy ** 2).clamp_min(1.0)
+    return gauss / gauss.sum(), xx / r2, yy / r2
+
+
 def canny_edges(x: torch.Tensor, threshold: float = CANNY_THRESHOLD) -> torch.Tensor:
     """Binary thin-edge mask (B, 1, H, W) of x (B, C, H, W) in [0, 1]; float 0/1, no gradient."""
     with torch.no_grad():
         x = x.detach()
         b, c, h, w = x.shape
-        t = torch.tensor([-1.0, 0.0, 1.0], device=x.device, dtype=x.dtype)
-        yy, xx = torch.meshgrid(t, t, indexing="ij")
-        gauss = torch.exp(-(xx ** 2 + yy ** 2) / (2 * CANNY_SIGMA ** 2))
-        gauss = gauss / gauss.sum()
-        # x / (x^2 + y^2) on the 3x3 grid (0 at the centre): rows [-1/2, 0, 1/2], [-1, 0, 1], [-1/2, 0, 1/2]
-        r2 = (xx ** 2 + yy ** 2).clamp_min(1.0)
-        kx, ky = xx / r2, yy / r2
+        gauss, kx, ky = device_constant(("_edges.kernels", CANNY_SIGMA), _kernels, x.device, x.dtype)
         smooth = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), gauss.expand(c, 1, 3, 3), groups=c)
         padded = F.pad(smooth, (1, 1, 1, 1), mode="replicate")
         gx = F.conv2d(padded, kx.expand(c, 1, 3, 3), groups=c).mean(1, keepdim=True)   # (B, 1, H, W)

@@ -30,7 +30,7 @@ loss_fn(logits, y) if given), multiplied by `direction` and maximised.
 Step: at the current point x_k, with J = d phi / dx at x_k and g = grad of the objective, solve (J^T J) v = g with
 `cg_iters` conjugate-gradient iterations (a point stops once its residual^2 < 0.1), then
 x_{k+1} = clip(x_k + lam v, 0, 1) with lam = step_size / ||J v|| (a step of length step_size in the perceptual
-metric). Points with ||g|| < 1e-4 (e.g. margin already >= kappa) are not moved.
+metric), ||J v||^2 = v . (g - r) from CG's own residual r (see the deviations). Points with ||g|| < 1e-4 (e.g. margin already >= kappa) are not moved.
 J v is a FINITE DIFFERENCE (phi(x + h u) - phi(x)) / h * ||v|| with u = v / ||v||, h = 1e-3, as the reference; J^T w
 is a backward pass through phi. Why finite differences rather than torch.func.jvp: one plain forward per product,
 and it works with any feature network (modules with in-place ops, custom autograd functions without forward-mode
@@ -45,14 +45,16 @@ Defaults: eps (bound) 0.5, step_size 2 eps / steps, cg_iters 5, h 1e-3, kappa 1 
 steps = 10 is the cheaper TRAINING setting (self-bounded PAT trains with 10 iterations); use steps=40 for evaluation
 (the paper's CIFAR-10 setting).
 Cost per iteration (B images): 1 forward+backward of the model, per CG iteration one phi forward (finite difference)
-+ one backward through phi, 1 phi forward for lam, and in the projection 1 phi forward+backward (Newton iteration 0)
++ one backward through phi, and in the projection 1 phi forward+backward (Newton iteration 0)
 and 1 phi forward with graph (the membership check; its features, graph included, are those of the next step's point,
 so the step does not recompute them), plus 1 phi forward+backward per further Newton iteration (rare) and 10 phi
 forwards for the bisection fallback (rarer) (see README for measured ratios).
 Host syncs (GPU): every pass runs on the whole batch with masks, never on an indexed subset, so the only syncs are the
-data-dependent loop exits. One per step reads two at once: whether any point is still outside after the projection's
-first Newton iteration, and whether CG goes on for any point after CG_ASK_AFTER = 2 iterations (if not, the remaining
-iterations would change nothing and are skipped; if so, all of them run). A further Newton iteration adds one (rare).
+data-dependent loop exits, as upstream's: CG stops once no point of the batch goes on. The first read of a step asks
+two things at once: whether any point is still outside after the projection's first Newton iteration, and whether CG
+goes on after its first iteration. Each further CG iteration but the last adds one read (a CIFAR PGD-AT model needs
+~3 iterations per step, a random one 1), a further Newton iteration one (rare). A read costs far less than the phi
+forward+backward of a CG iteration it saves.
 
 Deviations from the reference:
   - start noise std 1e-4 instead of upstream PerceptualPGDAttack's 0.01; see START_STD.
@@ -60,6 +62,9 @@ Deviations from the reference:
     probe at a fixed size h whatever the scale of v.  # DEVIATION tagged in _jvp_fd
   - the start is clipped to [0, 1] (upstream leaves it outside the box until the first step) -- the model only ever
     sees valid images.  # DEVIATION tagged in ppgd
+  - ||J v|| for the step length from the CG identity ||J v||^2 = v . (J^T J v) = v . (g - r), r the CG residual,
+    instead of a further finite-difference forward (upstream): same linearisation, one phi forward less per
+    step (README: measured effect).  # DEVIATION tagged in _step_end
   - CG stops per point (residual^2 < 0.1) instead of when every point of the batch has converged, and the bisection
     fallback runs only on the points Newton did not project (upstream re-bisects the whole batch) -- per-point results
     do not depend on the rest of the batch.  # DEVIATION tagged in _cg_iteration and _project_end
@@ -80,11 +85,6 @@ CG_TOL = 0.1                # CG stops when the squared residual is below this (
 GRAD_TOL = 1e-4             # points with ||grad|| below this are left unchanged (upstream)
 START_STD = 1e-4            # DEVIATION: std of the Gaussian start (upstream PerceptualPGDAttack: 0.01)
 NEWTON_ITERS, OVERSHOOT, BISECT_ITERS = 10, 0.1, 10   # projection (upstream)
-CG_ASK_AFTER = 2            # CG iterations run before the batch is asked (in the step's one sync) if any point goes on
-# True: ask again before every further CG iteration (one more host sync each), so CG stops as soon as the whole batch
-# has converged, as upstream's loop; with CG_ASK_AFTER = 1 the CG work is then exactly upstream's. False (default):
-# once some point goes on after CG_ASK_AFTER iterations, all cg_iters run (no further sync).
-CG_ASK_EVERY_ITERATION = False
 KAPPA = 1.0                 # margin-loss cap
 EPS_MEANING = "square-rooted, un-weighted LPIPS distance d(x, x_adv) (feature network: lpips_net)"
 
@@ -178,8 +178,7 @@ def _cg_start(g):
 def _cg_iteration(jtj, state, it):
     """CG iteration `it` on the whole batch with masks: a point that has stopped gets alpha = 0 (v, r unchanged).
 
-    So an iteration in which every point has stopped changes nothing: the loop may run on past that point, and ppgd
-    asks only once per step (after CG_ASK_AFTER iterations) whether any point goes on.
+    So an iteration in which every point has stopped changes nothing, and the residual stays r = g - (J^T J) v.
     """
     v, r, p, rr, active = state
     # DEVIATION: per-point stop (upstream stops when the largest residual of the batch is small)
@@ -200,10 +199,9 @@ def _cg_goes_on(state):
     return state[4] & (state[3] >= CG_TOL)
 
 
-def _step_begin(model, phi, leaf, feats, y, dirn, loss_fn, kappa, cg_iters):
+def _step_begin(model, phi, leaf, feats, y, dirn, loss_fn, kappa):
     """First half of a PPGD step at `leaf` (a leaf requiring grad; feats: its phi features with their graph, or None):
-    the objective's gradient and the first min(CG_ASK_AFTER, cg_iters) CG iterations, no host sync. Returns (context,
-    CG state) for _step_end."""
+    the objective's gradient and the first CG iteration, no host sync. Returns (context, CG state) for _step_end."""
     logits = model(leaf)
     losses = margin_loss(logits, y, kappa) if loss_fn is None else loss_fn(logits, y)
     (grad,) = torch.autograd.grad((dirn * losses).sum(), [leaf])
@@ -215,25 +213,21 @@ def _step_begin(model, phi, leaf, feats, y, dirn, loss_fn, kappa, cg_iters):
         (out,) = torch.autograd.grad(feats, [leaf], grad_outputs=_jvp_fd(phi, x0, feats_x, vec), retain_graph=True)
         return out
 
-    state = _cg_start(grad)
-    for it in range(min(CG_ASK_AFTER, cg_iters)):
-        state = _cg_iteration(jtj, state, it)
-    return (phi, jtj, grad, x0, feats_x), state
+    return (jtj, grad, x0), _cg_iteration(jtj, _cg_start(grad), 0)
 
 
 def _step_end(context, state, cg_iters, goes_on, step_b):
-    """Second half of a PPGD step (upstream): the remaining CG iterations if `goes_on` (some point had not converged
-    after the first CG_ASK_AFTER; else they change nothing), then x_{k+1} = clip(x_k + lam v, 0, 1) with
-    lam = step_b / ||J v||; points with ||grad|| < GRAD_TOL stay."""
-    phi, jtj, grad, x0, feats_x = context
-    if goes_on:
-        first = min(CG_ASK_AFTER, cg_iters)
-        for it in range(first, cg_iters):
-            if CG_ASK_EVERY_ITERATION and it > first and not bool(_cg_goes_on(state).any()):
-                break                                      # every point has stopped: the rest would change nothing
-            state = _cg_iteration(jtj, state, it)
-    v = state[0]
-    jv_norm = _jvp_fd(phi, x0, feats_x, v).norm(dim=1)
+    """Second half of a PPGD step (upstream): further CG iterations while some point goes on (`goes_on`: after the
+    first), then x_{k+1} = clip(x_k + lam v, 0, 1) with lam = step_b / ||J v||; points with ||grad|| < GRAD_TOL stay."""
+    jtj, grad, x0 = context
+    for it in range(1, cg_iters):
+        if not goes_on:
+            break                                          # every point has stopped: the rest would change nothing
+        state = _cg_iteration(jtj, state, it)
+        goes_on = it + 1 < cg_iters and bool(_cg_goes_on(state).any())   # host sync (none after the last)
+    v, r = state[0], state[1]
+    # DEVIATION: ||J v||^2 = v . (J^T J v) = v . (g - r) (CG keeps r = g - J^T J v), not a further FD forward of phi
+    jv_norm = _bdot(v, grad - r).clamp_min(0.0).sqrt()
     lam = step_b.flatten() / jv_norm.clamp_min(1e-12)
     move = (grad.flatten(1).norm(dim=1) >= GRAD_TOL) & (jv_norm > 0)
     lam = torch.where(move, lam, torch.zeros_like(lam)).view(-1, 1, 1, 1)
@@ -342,18 +336,17 @@ def ppgd(model, x, y, *, eps=0.5, steps=10, step_size=None, lpips_net="self", cg
     for _ in range(steps):
         # Speculatively start the step at the point of the pending projection check (its features, with their graph,
         # are already computed), then read both pending questions at once -- "is any point still outside?" (the
-        # projection's exit) and "does CG go on for any point after CG_ASK_AFTER iterations?" (CG's exit) -- in ONE
-        # host sync, the only one of a step. It is unavoidable: both answers decide whether to launch more phi passes
-        # of the whole batch; without them every step would run all cg_iters CG iterations (late in an attack the
-        # batch often converges after 1-3), all NEWTON_ITERS Newton iterations and the bisection. If the projection
-        # is not done (rare), the speculative start is dropped and redone at the projected point (a few more syncs,
-        # in _project_end).
-        context, cg = _step_begin(model, phi, proj["xi"], proj["feats"], y, dirn, loss_fn, kappa, cg_iters)
+        # projection's exit) and "does CG go on for any point after its first iteration?" (CG's exit) -- in ONE host
+        # sync. Both answers decide whether to launch more phi passes of the whole batch; without them every step
+        # would run all cg_iters CG iterations (a trained model's batch needs ~3), all NEWTON_ITERS Newton iterations
+        # and the bisection. If the projection is not done (rare), the speculative start is dropped and redone at the
+        # projected point (a few more syncs, in _project_end).
+        context, cg = _step_begin(model, phi, proj["xi"], proj["feats"], y, dirn, loss_fn, kappa)
         any_outside, goes_on = torch.stack([proj["outside"].any(), _cg_goes_on(cg).any()]).tolist()
         if any_outside:
             x_adv, cached = _project_end(phi, x, feats_clean, eps_v, proj, True)
             context, cg = _step_begin(model, phi, *(cached or (x_adv.detach().requires_grad_(True), None)), y, dirn,
-                                      loss_fn, kappa, cg_iters)
+                                      loss_fn, kappa)
             del cached
             goes_on = bool(_cg_goes_on(cg).any())
         x_next = _step_end(context, cg, cg_iters, goes_on, step_b)
