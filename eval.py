@@ -660,6 +660,10 @@ def start_results(args, out, jobs, res):
     for key in ("format", "ckpt", "dataset", "n", "seed", "batch_size"):
         if old.get(key) != res[key]:
             raise ValueError(f"--resume: {out} has {key} = {old.get(key)!r}, this run {res[key]!r}; use another --out")
+    was, now = old.get("config", {}).get("attack_bf16"), res["config"]["attack_bf16"]
+    if was != now:   # bf16 and fp32 attacks are not the same evaluation: one file holds one of them
+        raise ValueError(f"--resume: {out} was run with attack_bf16 = {was!r}, this run {now!r}; pass "
+                         f"--{'' if was else 'no-'}attack-bf16 or use another --out")
     for group, key, _, settings, _, _ in jobs:
         if key in old[group] and old[group][key]["kwargs"] != json.loads(json.dumps(settings["kwargs"])):
             raise ValueError(f"--resume: {group}/{key} in {out} was run with {old[group][key]['kwargs']}, this run "

@@ -12,7 +12,7 @@ Contents
     project_l1_box(x, delta, eps)  exact projection onto {||delta||_1 <= eps} intersected with x+delta in [0,1]
     lp_norm(delta, p)           per-example l_p norm (B,)
     gaussian_kernel1d / gaussian_blur   separable Gaussian blur (plain conv2d, no torchvision)
-    identity_grid / warp        sampling grids for flow-based attacks (align_corners=True everywhere)
+    identity_grid, reference_grid  the base grids of the flow-based attacks (linspace; the reference's 2i/W - 1)
     latent_pgd(...)             the PGD loop on a latent variable used by the semantic attacks
 """
 
@@ -199,10 +199,14 @@ def identity_grid(b: int, h: int, w: int, device=None, dtype=None) -> torch.Tens
     return torch.stack([gx, gy], dim=-1).unsqueeze(0).expand(b, h, w, 2)
 
 
-def warp(x: torch.Tensor, flow: torch.Tensor, padding_mode: str = "border") -> torch.Tensor:
-    """Resample x at identity + flow; flow is (B, H, W, 2) in grid units ([-1,1] spans the image), zero = identity."""
-    grid = identity_grid(x.shape[0], x.shape[2], x.shape[3], device=x.device, dtype=x.dtype) + flow
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
+def reference_grid(b: int, h: int, w: int, device=None, dtype=None) -> torch.Tensor:
+    """The base grid (B, H, W, 2) of the reference's whirlpool, glitch and klotski: x = 2j/W - 1, y = 2i/H - 1.
+    Sampled as the reference does, with grid_sample(align_corners=False), it reads pixel (i, j) at (i - 1/2, j - 1/2):
+    half a pixel up and left even at zero displacement, the first row and column half blended with the padding."""
+    ys = torch.arange(h, device=device, dtype=dtype) * (2.0 / h) - 1
+    xs = torch.arange(w, device=device, dtype=dtype) * (2.0 / w) - 1
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([gx, gy], dim=-1).unsqueeze(0).expand(b, h, w, 2)
 
 
 def latent_pgd(model, x, y, latent, render, project, *, steps, step_size, direction=1, loss_fn=None,

@@ -4,8 +4,8 @@ Reference: Kaufmann et al., "Testing Robustness Against Unforeseen Adversaries" 
 https://github.com/centerforaisafety/adversarial-corruptions/blob/main/attacks/edge.py
 (CIFAR-10 defaults: eps from that repository's models/cifar10/cifar10_config.py, step size / steps from models.sh).
 
-    structure  E = Canny-like thin-edge mask of the clean image (attacks/_edges.py, threshold 0.1), (B, 1, H, W),
-               constant (no gradient through it)
+    structure  E = the reference's Canny-like thin-edge mask of the clean image (attacks/_edges.py, threshold 0.1,
+               pixel for pixel the same), (B, 1, H, W), constant (no gradient through it)
     latent     e (B, C, H, W), used on edge pixels only
     render     x_adv = clamp(x + g * E * (0.5 - x) + E * e, 0, 1),  g = 1 if eps > 0 else 0
                (for eps > 0: edge pixels become grey 0.5 + e, the reference render)
@@ -20,8 +20,6 @@ Deviations from the reference:
   - The greying of edge pixels is applied only to samples with eps > 0 (gate g) -- the project's rule eps = 0 -> x;
     for every eps > 0 the render is the reference's.
   - A final clamp to [0, 1] (the reference has none; at eps <= 0.3 its values stay in [0.2, 0.8] anyway).
-  - The edge detector differs in details (exact NMS, atan2, replicate padding; see attacks/_edges.py), so the edge
-    density differs from the reference's: measured in the README.
 
 Depends on: attacks/_common.py, attacks/_edges.py
 """

@@ -6,7 +6,10 @@ eps from models/cifar10/cifar10_config.py and step size / steps from models.sh).
 Latent:  a flow f (B, 2, ceil(H/s), ceil(W/s)), s = upsample_factor (CIFAR 2 -> 16 x 16), in grid_sample units
          (the image spans [-1, 1]); channel 0 moves along x (columns), channel 1 along y (rows).
 Render:  F = bicubic upsampling of f to H x W (align_corners=False, no extra smoothing, as the 2023 reference);
-         x_adv = bilinear sample of x at identity + F, zero padding (content pulled from outside is black).
+         x_adv = bilinear sample of x at G + F, zero padding (content pulled from outside is black), with the
+         reference's grid convention: G = linspace(-1, 1) grid sampled with align_corners=False, so even a zero
+         flow zooms out by W / (W - 1) about the centre and half-blackens the 1-px frame (CIFAR: 32/31);
+         x_adv = x for examples with eps = 0.
 Constraint: ||f||_2 <= eps per example over all 2 * (H/s) * (W/s) values (CIFAR: 512), yet the steps are SIGN steps
          (as the reference; one CIFAR step has l_2 length 0.006 * sqrt(512) = 0.136, the ball saturates fast).
 Init:    f ~ U[-1, 1], then projected onto the l_2 ball: a random direction with norm eps (the raw norm is larger).
@@ -16,15 +19,10 @@ Defaults: the CIFAR-10 "medium" level of the reference: eps 0.25, steps 30, step
 upsample factor 2. LEVELS holds low / medium / high (only eps changes between levels).
 
 Deviations from the reference:
-- Consistent sampling grid: the reference builds its identity grid with linspace(-1, 1) but
-  samples with align_corners=False, so even a zero flow halves the border pixels (dark frame, quarter-bright
-  corners). Here the grid and grid_sample both use align_corners=True (attacks._common.warp, run in float64 so
-  the identity holds to float32 precision): a zero flow returns x exactly. One grid unit is therefore
-  (W - 1) / 2 px instead of W / 2 px (15.5 vs 16 px on CIFAR). Measured effect (tests/upstream_semantic_check.py,
-  200 CIFAR-10 test images, 3 seeds): ours is weaker than the reference by 4.0 accuracy points on a width-8 PGD
-  model and 7.0 on a width-16 PGD-AT model, and the reference patched to an align_corners=True identity grid gives
-  exactly our numbers: the gap is the reference's zoom-out and half-black frame at zero flow (3 points on the
-  width-16 model before any attack), which the attack then amplifies. Kept: it is what the eps = 0 identity needs.
+- Examples with eps = 0 get x back (gate g), not the reference's zoomed-out render of a zero flow -- the
+  project's rule that eps = 0 returns x; for every eps > 0 the render is the reference's. (A consistent
+  align_corners=True grid instead would make the attack 4-7 accuracy points weaker than the reference on CPU-scale
+  PGD models, measured with tests/upstream_semantic_check.py: the zoom-out alone costs 3 points.)
 - H or W not divisible by upsample_factor: the flow has ceil(H/s) x ceil(W/s) cells (the reference assumes
   divisibility).
 
@@ -38,7 +36,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from attacks._common import check_inputs, latent_pgd, per_sample, project_l2, warp
+from attacks._common import check_inputs, identity_grid, latent_pgd, per_sample, project_l2
 
 # CIFAR-10 levels of the reference (eps: models/cifar10/cifar10_config.py; step size / steps: models.sh)
 LEVELS = {
@@ -50,13 +48,12 @@ EPS_MEANING = "l_2 (per image) on the low-res flow, grid_sample units (image spa
 
 
 def render(x: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
-    """Warp x by the bicubically upsampled flow (B, 2, h, w); zero flow gives x back exactly."""
-    full = F.interpolate(flow, size=x.shape[-2:], mode="bicubic", align_corners=False)   # (B, 2, H, W)
-    # DEVIATION: align_corners=True grid and sampling (reference mixes conventions) -- eps = 0 must be identity.
-    # Sampled in float64: in float32 the unnormalisation (g + 1) / 2 * (W - 1) rounds, and the identity grid
-    # reproduces x only to ~4e-6; in float64 it is exact after casting back.
-    out = warp(x.double(), full.permute(0, 2, 3, 1).double(), padding_mode="zeros")
-    return out.to(x.dtype).clamp(0.0, 1.0)
+    """Warp x by the bicubically upsampled flow (B, 2, h, w), as the reference: a linspace(-1, 1) grid sampled with
+    align_corners=False (so a zero flow zooms out by W / (W - 1) and half-blackens the frame)."""
+    b, _, h, w = x.shape
+    full = F.interpolate(flow, size=(h, w), mode="bicubic", align_corners=False)   # (B, 2, H, W)
+    grid = identity_grid(b, h, w, device=x.device, dtype=x.dtype) + full.permute(0, 2, 3, 1)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False).clamp(0.0, 1.0)
 
 
 def elastic(model, x, y, *, eps=0.25, steps=30, step_size=0.006, upsample_factor=2, direction=1, loss_fn=None,
@@ -74,8 +71,11 @@ def elastic(model, x, y, *, eps=0.25, steps=30, step_size=0.006, upsample_factor
     shape = (b, 2, math.ceil(h / upsample_factor), math.ceil(w / upsample_factor))
     flow = 2 * torch.rand(shape, generator=generator, device=x.device, dtype=x.dtype) - 1   # U[-1, 1]
 
+    on = eps_b > 0
+
     def project(f):
         return project_l2(f, eps_b)
 
-    return latent_pgd(model, x, y, flow, lambda f: render(x, f), project, steps=int(steps), step_size=step_size,
-                      direction=direction, loss_fn=loss_fn, step_rule="sign")
+    # DEVIATION: eps = 0 returns x (the reference's render of a zero flow is not x) -- attack contract, README.md
+    return latent_pgd(model, x, y, flow, lambda f: torch.where(on, render(x, f), x), project, steps=int(steps),
+                      step_size=step_size, direction=direction, loss_fn=loss_fn, step_rule="sign")

@@ -6,7 +6,9 @@ eps from models/cifar10/cifar10_config.py and step size / steps from models.sh).
 Latent:  shifts v (B, C, L), one horizontal shift per (image, colour channel, horizontal band), L = num_lines
          (CIFAR 16 -> bands of 2 rows), in grid_sample units (the image spans [-1, 1]).
 Render:  optional greying x <- (1 - g) x + g * 0.87 (g = grey_strength, 0 in the reference configs);
-         channel c of row i is resampled at (column + v[c, band(i)], row): bilinear, reflection padding.
+         channel c of row i is resampled at (column + v[c, band(i)], row): bilinear, reflection padding, on the
+         reference's grid (2j/W - 1 sampled with align_corners=False: half a pixel up and left even at v = 0, a
+         slight blur); x_adv = x for examples with eps = 0.
          All channels are folded into the batch and sampled by ONE grid_sample call (the reference loops over
          channels; same result).
 Constraint: ||v||_inf <= eps per example.
@@ -17,10 +19,8 @@ Defaults: the CIFAR-10 "medium" level of the reference: eps 0.05 (about 0.8 px),
 step_size 0.0025, 16 lines, grey strength 0. LEVELS holds low / medium / high (only eps changes).
 
 Deviations from the reference:
-- Consistent sampling grid (the reference's grid is half-pixel shifted): the reference's identity grid 2i/W - 1 under
-  align_corners=False shifts every channel by half a pixel left and up even at zero shift (a slight blur).
-  Here the grid and grid_sample both use align_corners=True (in float64): zero shifts return x exactly, and one
-  grid unit is (W - 1) / 2 px instead of W / 2 px.
+- Examples with eps = 0 get x back, not the reference's half-pixel-shifted render -- the project's rule that
+  eps = 0 returns x; for every eps > 0 the render is the reference's.
 - Band of row i = floor(i * L / H), which also covers H not divisible by L.
 
 eps may be a float or a per-example (B,) tensor; direction +1 (maximise the loss) or -1, or a (B,) tensor.
@@ -31,7 +31,7 @@ Depends on: attacks/_common.py
 import torch
 import torch.nn.functional as F
 
-from attacks._common import check_inputs, identity_grid, latent_pgd, per_sample
+from attacks._common import check_inputs, latent_pgd, per_sample, reference_grid
 
 # CIFAR-10 levels of the reference (eps: models/cifar10/cifar10_config.py; step size / steps: models.sh)
 LEVELS = {
@@ -50,13 +50,10 @@ def render(x: torch.Tensor, shifts: torch.Tensor, *, grey_strength: float = 0.0)
         x = (1 - grey_strength) * x + grey_strength * GREY
     band = torch.arange(h, device=x.device) * shifts.shape[-1] // h               # (H,) band of each row
     dx = shifts[:, :, band].reshape(b * c, h, 1, 1).expand(b * c, h, w, 1)        # (B*C, H, W, 1)
-    # DEVIATION: align_corners=True identity grid (reference: half-pixel 2i/W - 1 grid) -- zero shift = identity.
-    # Sampled in float64: the float32 unnormalisation (g + 1) / 2 * (W - 1) rounds (identity only to ~4e-6).
-    dx = dx.double()
-    grid = identity_grid(b * c, h, w, device=x.device, dtype=dx.dtype) + torch.cat([dx, torch.zeros_like(dx)], -1)
-    out = F.grid_sample(x.reshape(b * c, 1, h, w).double(), grid, mode="bilinear", padding_mode="reflection",
-                        align_corners=True)
-    return out.view(b, c, h, w).to(x.dtype).clamp(0.0, 1.0)
+    grid = reference_grid(b * c, h, w, device=x.device, dtype=x.dtype) + torch.cat([dx, torch.zeros_like(dx)], -1)
+    out = F.grid_sample(x.reshape(b * c, 1, h, w), grid, mode="bilinear", padding_mode="reflection",
+                        align_corners=False)
+    return out.view(b, c, h, w).clamp(0.0, 1.0)
 
 
 def glitch(model, x, y, *, eps=0.05, steps=60, step_size=0.0025, num_lines=16, grey_strength=0.0, direction=1,
@@ -75,8 +72,12 @@ def glitch(model, x, y, *, eps=0.05, steps=60, step_size=0.0025, num_lines=16, g
     eps_b = per_sample(eps, x).view(b, 1, 1)                                       # (B, 1, 1)
     shifts = eps_b * torch.rand(b, c, int(num_lines), generator=generator, device=x.device, dtype=x.dtype)
 
+    on = eps_b.view(b, 1, 1, 1) > 0
+
     def project(v):
         return torch.maximum(torch.minimum(v, eps_b), -eps_b)
 
-    return latent_pgd(model, x, y, shifts, lambda v: render(x, v, grey_strength=grey_strength), project,
-                      steps=int(steps), step_size=step_size, direction=direction, loss_fn=loss_fn, step_rule="sign")
+    # DEVIATION: eps = 0 returns x (the reference's render of a zero shift is not x) -- attack contract, README.md
+    return latent_pgd(model, x, y, shifts, lambda v: torch.where(on, render(x, v, grey_strength=grey_strength), x),
+                      project, steps=int(steps), step_size=step_size, direction=direction, loss_fn=loss_fn,
+                      step_rule="sign")

@@ -6,19 +6,19 @@ https://github.com/centerforaisafety/adversarial-corruptions/blob/main/attacks/k
 
     latent     t (B, n, n, 2), one (x, y) translation per block in grid_sample units (n = 8: 4x4-px blocks on
                CIFAR; 1 unit = half the image width)
-    render     every pixel samples x at identity + t[block of the pixel]; bilinear, zero padding, so content of
-               the neighbouring blocks or black padding shows at the seams
+    render     every pixel samples x at G + t[block of the pixel]; bilinear, zero padding, so content of
+               the neighbouring blocks or black padding shows at the seams; G is the reference's grid (2j/W - 1
+               sampled with align_corners=False: half a pixel up and left at t = 0); x_adv = x when eps = 0
     constraint t in [-eps, eps] (clamp);  init U[0, eps] (one-sided, as the reference);
                step  t <- t + step_size * sign(grad)
 
 Defaults (CIFAR-10 "medium", linf variant of the config): eps 0.05, 50 steps, step size 0.005.
-LEVELS holds low/medium/high. eps = 0 is zero translation, i.e. x. eps may be a float or a (B,) tensor.
+LEVELS holds low/medium/high. eps may be a float or a (B,) tensor.
 When H or W is not a multiple of n, pixel row i belongs to block floor(i n / H) (blocks differ by one pixel).
 
 Deviations from the reference:
-  - Identity grid with align_corners=True (attacks._common.warp) instead of the half-pixel-shifted 2i/W - 1 grid
-    (consistent sampling grids: zero translation is the identity). One unit is then (W - 1)/2 px
-    (15.5 px on CIFAR) instead of W/2 (16 px).
+  - Examples with eps = 0 get x back, not the reference's half-pixel-shifted render -- the project's rule that
+    eps = 0 returns x; for every eps > 0 the render is the reference's.
   - Only the linf constraint of the CIFAR config is implemented (the reference's l2 option is not).
 
 Depends on: attacks/_common.py
@@ -26,7 +26,9 @@ Depends on: attacks/_common.py
 
 import torch
 
-from attacks._common import check_inputs, latent_pgd, per_sample, project_linf, warp
+import torch.nn.functional as F
+
+from attacks._common import check_inputs, latent_pgd, per_sample, project_linf, reference_grid
 
 LEVELS = {   # the reference's CIFAR-10 eps low/medium/high; step size and steps are the same at every level
     "low": {"eps": 0.03, "steps": 50, "step_size": 0.005},
@@ -57,10 +59,12 @@ def klotski(model, x, y, *, eps=0.05, steps=50, step_size=0.005, direction=1, lo
     n = int(num_blocks)
     eps_b = per_sample(eps, x)                                                     # (B, 1, 1, 1)
 
+    grid, on = reference_grid(b, h, w, device=x.device, dtype=x.dtype), eps_b > 0
+
     def render(t):
-        # sampled in float64: in float32 grid_sample's unnormalisation (g + 1) / 2 * (W - 1) rounds and the identity
-        # grid reproduces x only to ~3e-6; in float64 it is exact after casting back (eps = 0 -> x)
-        return warp(x.double(), block_flow(t, h, w).double(), padding_mode="zeros").to(x.dtype)
+        out = F.grid_sample(x, grid + block_flow(t, h, w), mode="bilinear", padding_mode="zeros", align_corners=False)
+        # DEVIATION: eps = 0 returns x (the reference's render of t = 0 is not x) -- attack contract, README.md
+        return torch.where(on, out, x)
 
     def project(t):
         return project_linf(t, eps_b)

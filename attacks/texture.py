@@ -4,8 +4,8 @@ Reference: Kaufmann et al., "Testing Robustness Against Unforeseen Adversaries" 
 https://github.com/centerforaisafety/adversarial-corruptions/blob/main/attacks/texture.py
 (CIFAR-10 defaults: eps from that repository's models/cifar10/cifar10_config.py, step size / steps from models.sh).
 
-    structure  E = Canny-like thin-edge mask of the clean image (attacks/_edges.py, threshold 0.1), (B, 1, H, W),
-               constant (no gradient through it)
+    structure  E = the reference's Canny-like thin-edge mask of the clean image (attacks/_edges.py, threshold 0.1,
+               pixel for pixel the same), (B, 1, H, W), constant (no gradient through it)
     latent     w (B, 1, H, W), one whitening weight per pixel, shared over the channels
     render     x_k = x * (1 - g * E)              (edge pixels set to black; g = 1 if eps > 0 else 0)
                beta = |w| * (1 - E)
@@ -19,8 +19,6 @@ the init). eps may be a float or a (B,) tensor.
 Deviations from the reference:
   - The blackening of edge pixels is applied only to samples with eps > 0 (gate g) -- the project's rule that
     eps = 0 returns x; for every eps > 0 the render is the reference's.
-  - The edge detector differs in details (exact NMS, atan2, replicate padding; see attacks/_edges.py), so the edge
-    density differs from the reference's: measured in the README.
   - Only the linf constraint of the CIFAR config is implemented (the reference's l2 option is not).
 
 Depends on: attacks/_common.py, attacks/_edges.py

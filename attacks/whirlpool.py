@@ -6,14 +6,15 @@ https://github.com/centerforaisafety/adversarial-corruptions/blob/main/attacks/w
 
     structure  K = 8 whirlpool centres c_k per image, uniform in [-1, 1]^2 (grid_sample units)
     latent     strengths s (B, K); |s_k| is used
-    render     for every pixel p (identity grid) and whirlpool k, with d = p - c_k, r = |d|:
-                 phi_k = (|s_k| + g * s_min) * exp(-r / rho)       (scikit-image swirl; s_min 0.5,
+    render     for every pixel p (the reference's grid 2j/W - 1) and whirlpool k, with d = p - c_k, r = |d|:
+                 phi_k = (|s_k| + s_min) * exp(-r / rho)           (scikit-image swirl; s_min 0.5,
                                                                    rho = ln 2 * radius / 5, radius 0.5)
                  Delta_k = R(phi_k) d - d                          (displacement of p rotated by phi_k about c_k)
                Delta = elementwise MAX over k of Delta_k, separately for x and y (as the reference combines the
                whirlpools: not a sum; far from every centre Delta ~ 0, so negative displacements are clipped at 0
                wherever the other whirlpools are far: a one-sided swirl, reference behaviour, kept)
-               x_adv = bilinear resample of x at p + Delta, zero padding;  g = 1 if eps > 0 else 0
+               x_adv = bilinear resample of x at p + Delta, zero padding, align_corners=False (as the
+               reference: half a pixel up and left even at Delta = 0); x_adv = x for examples with eps = 0
     constraint l2 ball of radius eps per image on s;  init eps * u * s0 / |s0|_2, s0 ~ U[0, 1]^K, u ~ U(0, 1);
                step  s <- P_eps(s + step_size * grad / |grad|_2)
 
@@ -24,9 +25,8 @@ Defaults (CIFAR-10 "medium"): eps 100 (radians of peak rotation, l2 over the 8 s
 step size 16. LEVELS holds low/medium/high. eps may be a float or a (B,) tensor.
 
 Deviations from the reference:
-  - Identity grid with align_corners=True (attacks._common.warp) instead of the half-pixel-shifted 2i/W - 1 grid
-    (consistent sampling grids, so that zero displacement is the identity, as the attack contract needs).
-  - The minimum strength s_min is applied only to samples with eps > 0 (gate g) -- eps = 0 must return x.
+  - Examples with eps = 0 get x back (the reference still swirls them by s_min, on its half-pixel grid) -- the
+    project's rule that eps = 0 returns x; for every eps > 0 the render is the reference's.
   - The init's random scale u is drawn per image, not once per batch as in the reference -- so an image's attack
     does not depend on the rest of its batch.
 
@@ -38,7 +38,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from attacks._common import check_inputs, identity_grid, latent_pgd, per_sample, project_l2
+from attacks._common import check_inputs, latent_pgd, per_sample, project_l2, reference_grid
 
 LEVELS = {   # the reference's CIFAR-10 eps low/medium/high; step size and steps are the same at every level
     "low": {"eps": 20.0, "steps": 50, "step_size": 16.0},
@@ -93,21 +93,15 @@ def whirlpool(model, x, y, *, eps=100.0, steps=50, step_size=16.0, direction=1, 
     eps_b = per_sample(eps, x).view(b, 1)                                          # (B, 1)
     kw = dict(generator=generator, device=x.device, dtype=x.dtype)
     centres = torch.rand((b, k, 2), **kw) * 2 - 1                                  # uniform in [-1, 1]^2
-    grid = identity_grid(b, h, w, device=x.device, dtype=x.dtype)
-    # DEVIATION: s_min gated on eps > 0 -- eps = 0 must return x (attack contract, README.md)
-    s_min = (eps_b > 0).to(x.dtype) * min_strength
-    # per-call constants, not recomputed at every step: the swirl geometry, x and the identity grid in float64
-    geometry = swirl_geometry(grid, centres, radius)
-    x64 = x.double()
-    grid64 = identity_grid(b, h, w, device=x.device, dtype=torch.float64)
+    grid = reference_grid(b, h, w, device=x.device, dtype=x.dtype)
+    geometry = swirl_geometry(grid, centres, radius)                               # per call, not per step
+    on = (eps_b > 0).view(b, 1, 1, 1)
 
     def render(strengths):
-        # sampled in float64: in float32 grid_sample's unnormalisation (g + 1) / 2 * (W - 1) rounds and the identity
-        # grid reproduces x only to ~3e-6; in float64 it is exact after casting back (eps = 0 -> x)
-        # (= warp(x.double(), delta.double(), "zeros") with its float64 identity grid made once)
-        delta = swirl_from_geometry(geometry, strengths, s_min)
-        return F.grid_sample(x64, grid64 + delta.double(), mode="bilinear", padding_mode="zeros",
-                             align_corners=True).to(x.dtype)
+        delta = swirl_from_geometry(geometry, strengths, min_strength)
+        out = F.grid_sample(x, grid + delta, mode="bilinear", padding_mode="zeros", align_corners=False)
+        # DEVIATION: eps = 0 returns x (the reference swirls it by s_min) -- attack contract, README.md
+        return torch.where(on, out, x)
 
     def project(strengths):
         return project_l2(strengths, eps_b)

@@ -196,6 +196,10 @@ class TestEvalScript(unittest.TestCase):
         self.assertEqual(r["union_acc"], self.res["union_acc"])
         proc = run("--ckpt", self.ckpt, "--out", out, *FAST, ok=False)   # no --resume: refuse to overwrite
         self.assertIn("--resume", proc.stderr)
+        proc = run("--ckpt", self.ckpt, "--out", out, "--resume", "--attack-bf16", *FAST, ok=False)   # fp32 file
+        self.assertEqual(proc.returncode, 2)
+        self.assertIn("attack_bf16 = False, this run True; pass --no-attack-bf16", proc.stderr)
+        self.assertNotIn("Traceback", proc.stderr)
 
     def test_reseeding_in_process(self):
         """The adversarial images of fog do not depend on whether linf consumed random numbers before it."""

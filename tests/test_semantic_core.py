@@ -37,6 +37,12 @@ def batch(b=4, hw=32, seed=1):
     return torch.rand(b, 3, hw, hw, generator=g), torch.randint(0, 10, (b,), generator=g)
 
 
+def ramp(b=4, hw=32):
+    """x[..., i, j] = 0.1 + 0.02 j + 0.005 i: bilinear sampling of it is exact inside the image."""
+    i, j = torch.meshgrid(torch.arange(hw), torch.arange(hw), indexing="ij")
+    return (0.1 + 0.02 * j + 0.005 * i).float().expand(b, 3, hw, hw).clone()
+
+
 def record_latents(module, arg_index=1):
     """Patch module.render so that every latent it is called with is recorded (detached copies)."""
     seen, original = [], module.render
@@ -80,16 +86,22 @@ class TestWood(unittest.TestCase):
 
 
 class TestElastic(unittest.TestCase):
-    def test_zero_flow_is_identity_and_units(self):
+    def test_reference_grid_convention_and_units(self):
+        """As the reference: pixel (i, j) reads x at (i W / (W - 1) - 1/2, j W / (W - 1) - 1/2) + the flow in pixels
+        (W / 2 per grid unit): a zero flow zooms out by W / (W - 1), the frame half blended with black."""
         for hw in (32, 28):
-            x, _ = batch(hw=hw)
-            flow = torch.zeros(4, 2, hw // 2, hw // 2)
-            self.assertLessEqual((elastic.render(x, flow) - x).abs().max().item(), 1e-6)
-            # a constant x-flow of 2 / (W - 1) grid units = exactly one pixel: out[..., j] = x[..., j + 1]
-            flow[:, 0] = 2.0 / (hw - 1)
-            out = elastic.render(x, flow)
-            self.assertLess((out[..., :-1] - x[..., 1:]).abs().max().item(), 1e-5)
-            self.assertLess(out[..., -1].abs().max().item(), 1e-6)    # zero padding beyond the border
+            x = ramp(hw=hw)
+            at = lambda i, j: 0.1 + 0.02 * j + 0.005 * i
+            p = torch.arange(hw) * hw / (hw - 1) - 0.5
+            for shift_px in (0.0, 1.0):
+                flow = torch.zeros(4, 2, hw // 2, hw // 2)
+                flow[:, 0] = shift_px * 2.0 / hw
+                out = elastic.render(x, flow)
+                inner = slice(1, hw - 2)
+                want = at(p[inner, None], p[None, inner] + shift_px).float()
+                self.assertLess((out[:, :, inner, inner] - want).abs().max().item(), 1e-5)
+            self.assertLess((elastic.render(x, torch.zeros(4, 2, hw // 2, hw // 2))[..., 0, 0] - x[..., 0, 0] / 4)
+                            .abs().max().item(), 1e-6)                # corner: a quarter of the pixel, rest black
 
     def test_flow_on_the_l2_sphere(self):
         x, y = batch()
@@ -210,17 +222,21 @@ class TestJpeg(unittest.TestCase):
 
 
 class TestGlitch(unittest.TestCase):
-    def test_zero_shift_is_identity_and_one_pixel_shift(self):
-        for hw in (32, 28):
-            x, _ = batch(hw=hw)
-            self.assertLessEqual((glitch.render(x, torch.zeros(4, 3, 16)) - x).abs().max().item(), 1e-6)
-        x, _ = batch()
+    def test_reference_half_pixel_grid_and_one_pixel_shift(self):
+        """As the reference: pixel (i, j) reads x at (i - 1/2, j - 1/2 + shift in pixels), W / 2 px per grid unit."""
+        x = ramp()
+        at = lambda i, j: 0.1 + 0.02 * j + 0.005 * i
         v = torch.zeros(4, 3, 16)
-        v[:, 1, 3] = 2.0 / 31                    # channel G, band 3 (rows 6-7): exactly one pixel
+        v[:, 1, 3] = 2.0 / 32                    # channel G, band 3 (rows 6-7): exactly one pixel
         out = glitch.render(x, v)
-        self.assertLess((out[:, 1, 6:8, :-1] - x[:, 1, 6:8, 1:]).abs().max().item(), 1e-6)
-        out[:, 1, 6:8] = x[:, 1, 6:8]
-        self.assertLessEqual((out - x).abs().max().item(), 1e-6)                # nothing else moved
+        i, j = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+        want = at(i - 0.5, j - 0.5).expand(4, 3, 32, 32).clone()
+        want[:, 1, 6:8] = at(i[6:8] - 0.5, j[6:8] + 0.5)
+        self.assertLess((out[..., 1:, 1:-1] - want[..., 1:, 1:-1]).abs().max().item(), 1e-5)
+        x, y = batch()
+        for eps in (0.0, torch.tensor([0.0, 0.05, 0.0, 0.05])):   # eps = 0: x itself, not the half-pixel render
+            out = glitch.glitch(tiny_model(), x, y, steps=2, eps=eps)
+            self.assertTrue(torch.equal(out[0], x[0]) and torch.equal(out[2], x[2]))
 
     def test_shifts_stay_in_box(self):
         x, y = batch()

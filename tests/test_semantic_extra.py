@@ -12,7 +12,9 @@ import torch.nn as nn
 
 import attacks
 from attacks import ATTACKS
-from attacks._common import gaussian_blur, identity_grid, warp
+import torch.nn.functional as F
+
+from attacks._common import gaussian_blur, identity_grid, reference_grid
 from attacks._edges import canny_edges
 from attacks.fog import diamond_square, fog_levels
 from attacks.hsv import hsv_to_rgb, rgb_to_hsv
@@ -98,9 +100,14 @@ class TestEdges(unittest.TestCase):
         self.assertEqual(tuple(mask.shape), (2, 1, 32, 32))
         self.assertFalse(mask.requires_grad)
         self.assertTrue(torch.all((mask == 0) | (mask == 1)))
-        cols = mask[0, 0].sum(0).nonzero().flatten().tolist()
-        self.assertTrue(set(cols) <= {15, 16} and cols, cols)          # a thin line at the step, nothing else
-        self.assertEqual(canny_edges(torch.full((1, 3, 32, 32), 0.3)).sum().item(), 0)   # flat: no edges
+        # away from the frame (zero padding, as the reference, makes the frame an edge): a thin line at the step
+        cols = mask[0, 0, 2:-2, 2:-2].sum(0).nonzero().flatten().add(2).tolist()
+        self.assertTrue(set(cols) <= {15, 16} and cols, cols)
+        self.assertTrue(torch.all(mask[0, 0, 2:-2, 2:-2].sum(1) == 1))   # one pixel per row
+        flat = canny_edges(torch.full((1, 3, 32, 32), 0.3))[0, 0]
+        self.assertEqual(flat[2:-2, 2:-2].sum().item(), 0)               # flat: edges on the frame only
+        self.assertGreater(flat.sum().item(), 0)
+        self.assertEqual(canny_edges(torch.zeros(1, 3, 32, 32)).sum().item(), 0)   # black: none (peak 0)
 
 
 class TestBlur(unittest.TestCase):
@@ -219,14 +226,17 @@ class TestKlotski(unittest.TestCase):
     def test_block_flow_and_one_pixel_shift(self):
         t = torch.zeros(1, 8, 8, 2)
         self.assertEqual(block_flow(t, 32, 32).abs().max().item(), 0.0)
-        t[0, 2, 3, 0] = 2.0 / 31                                          # block (2, 3) samples one pixel to the right
+        t[0, 2, 3, 0] = 2.0 / 32                                          # block (2, 3) samples one pixel to the right
         flow = block_flow(t, 32, 32)
         self.assertEqual(int((flow[0, ..., 0] != 0).sum()), 16)           # exactly its 4 x 4 pixels
-        self.assertTrue(torch.all(flow[0, 8:12, 12:16, 0] == 2.0 / 31))
+        self.assertTrue(torch.all(flow[0, 8:12, 12:16, 0] == 2.0 / 32))
         x, _ = batch(b=1)
-        out = warp(x, flow, padding_mode="zeros")
-        self.assertTrue(torch.allclose(out[0, :, 8:12, 12:16], x[0, :, 8:12, 13:17], atol=1e-5))
-        self.assertTrue(torch.allclose(out[0, :, :8], x[0, :, :8], atol=1e-5))
+        # the reference's grid (2j/W - 1, align_corners=False) reads (i - 1/2, j - 1/2): a 2x2 average
+        out = F.grid_sample(x, reference_grid(1, 32, 32) + flow, padding_mode="zeros", align_corners=False)
+        avg = lambda r, c: x[0, :, r - 1:r + 1, c - 1:c + 1].mean((1, 2))
+        self.assertTrue(torch.allclose(out[0, :, 5, 7], avg(5, 7), atol=1e-6))
+        self.assertTrue(torch.allclose(out[0, :, 9, 13], avg(9, 14), atol=1e-6))   # block (2, 3): one px right
+        self.assertTrue(torch.allclose(out[0, :, 0, 0], x[0, :, 0, 0] / 4, atol=1e-6))   # corner: 3/4 padding
 
 
 class TestHSV(unittest.TestCase):

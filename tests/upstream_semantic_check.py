@@ -268,6 +268,11 @@ def run_check(upstream_root, ckpt, data_dir, n, seeds, names, level="medium", ba
                                         for k, v in ours_all.items()}}
     log(settings_text(res["settings"]))
     log(f"clean accuracy {res['clean_acc']:.1f}% on {len(y)} images")
+    if "edge" in up.modules:   # edge and texture share the detector: ours must give upstream's mask, pixel for pixel
+        from attacks._edges import CANNY_THRESHOLD, canny_edges
+        theirs = up.modules["edge"].CannyFilter()(x, CANNY_THRESHOLD)[-1].to(x.dtype)
+        res["canny_pixels_differing"] = int((theirs != canny_edges(x)).sum())
+        log(f"Canny edge masks: {res['canny_pixels_differing']} of {theirs.numel()} pixels differ from upstream's")
 
     def save():
         if out:
@@ -319,7 +324,8 @@ def main(argv=None):
 def test_matches_upstream(tmp_path):
     """Opt-in: set UPSTREAM_ADVERSARIAL_CORRUPTIONS (work tree), UPSTREAM_CHECK_CKPT, UPSTREAM_CHECK_DATA.
 
-    64 images, seed 0, all 17 attacks at medium: |ours - upstream| <= 10 accuracy points (gabor 15).
+    64 images, seed 0, all 17 attacks at medium: |ours - upstream| <= 10 accuracy points (gabor 15), and the
+    Canny edge masks of edge / texture identical to upstream's.
     """
     import pytest
     env = {k: os.environ.get(k) for k in ("UPSTREAM_ADVERSARIAL_CORRUPTIONS", "UPSTREAM_CHECK_CKPT",
@@ -328,6 +334,7 @@ def test_matches_upstream(tmp_path):
         pytest.skip("set UPSTREAM_ADVERSARIAL_CORRUPTIONS, UPSTREAM_CHECK_CKPT and UPSTREAM_CHECK_DATA to run")
     res = run_check(env["UPSTREAM_ADVERSARIAL_CORRUPTIONS"], env["UPSTREAM_CHECK_CKPT"], env["UPSTREAM_CHECK_DATA"],
                     64, [0], list(SEMANTIC), batch=64, out=tmp_path / "upstream.json", log=lambda m: None)
+    assert res["canny_pixels_differing"] == 0
     rows = res["summary"]
     far = {k: round(r["diff"], 1) for k, r in rows.items() if abs(r["diff"]) > TOLERANCE.get(k, DEFAULT_TOLERANCE)}
     assert not far, f"ours - upstream accuracy (points) beyond tolerance: {far}\n{table(res, rows)}"
