@@ -47,13 +47,14 @@ LEVELS = {
 EPS_MEANING = "l_2 (per image) on the low-res flow, grid_sample units (image spans [-1, 1])"
 
 
-def render(x: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
-    """Warp x by the bicubically upsampled flow (B, 2, h, w), as the reference: a linspace(-1, 1) grid sampled with
-    align_corners=False (so a zero flow zooms out by W / (W - 1) and half-blackens the frame)."""
+def render(x: torch.Tensor, flow: torch.Tensor, base=None) -> torch.Tensor:
+    """Warp x by the bicubically upsampled flow (B, 2, h, w), as the reference: a linspace(-1, 1) grid (`base`, built
+    if None) sampled with align_corners=False (so a zero flow zooms out by W / (W - 1) and half-blackens the frame)."""
     b, _, h, w = x.shape
+    base = identity_grid(b, h, w, device=x.device, dtype=x.dtype) if base is None else base
     full = F.interpolate(flow, size=(h, w), mode="bicubic", align_corners=False)   # (B, 2, H, W)
-    grid = identity_grid(b, h, w, device=x.device, dtype=x.dtype) + full.permute(0, 2, 3, 1)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False).clamp(0.0, 1.0)
+    return F.grid_sample(x, base + full.permute(0, 2, 3, 1), mode="bilinear", padding_mode="zeros",
+                         align_corners=False).clamp(0.0, 1.0)
 
 
 def elastic(model, x, y, *, eps=0.25, steps=30, step_size=0.006, upsample_factor=2, direction=1, loss_fn=None,
@@ -71,11 +72,11 @@ def elastic(model, x, y, *, eps=0.25, steps=30, step_size=0.006, upsample_factor
     shape = (b, 2, math.ceil(h / upsample_factor), math.ceil(w / upsample_factor))
     flow = 2 * torch.rand(shape, generator=generator, device=x.device, dtype=x.dtype) - 1   # U[-1, 1]
 
-    on = eps_b > 0
+    on, base = eps_b > 0, identity_grid(b, h, w, device=x.device, dtype=x.dtype)
 
     def project(f):
         return project_l2(f, eps_b)
 
     # DEVIATION: eps = 0 returns x (the reference's render of a zero flow is not x) -- attack contract, README.md
-    return latent_pgd(model, x, y, flow, lambda f: torch.where(on, render(x, f), x), project, steps=int(steps),
+    return latent_pgd(model, x, y, flow, lambda f: torch.where(on, render(x, f, base), x), project, steps=int(steps),
                       step_size=step_size, direction=direction, loss_fn=loss_fn, step_rule="sign")

@@ -43,14 +43,16 @@ EPS_MEANING = "l_inf on per-band, per-channel horizontal shifts (grid_sample uni
 GREY = 0.87   # the reference's greying target value
 
 
-def render(x: torch.Tensor, shifts: torch.Tensor, *, grey_strength: float = 0.0) -> torch.Tensor:
-    """Shift every horizontal band of every channel by its own amount; shifts (B, C, L) in grid units."""
+def render(x: torch.Tensor, shifts: torch.Tensor, *, grey_strength: float = 0.0, base=None) -> torch.Tensor:
+    """Shift every horizontal band of every channel by its own amount; shifts (B, C, L) in grid units; base: the
+    reference grid (B * C, H, W, 2), built if None."""
     b, c, h, w = x.shape
     if grey_strength:
         x = (1 - grey_strength) * x + grey_strength * GREY
     band = torch.arange(h, device=x.device) * shifts.shape[-1] // h               # (H,) band of each row
     dx = shifts[:, :, band].reshape(b * c, h, 1, 1).expand(b * c, h, w, 1)        # (B*C, H, W, 1)
-    grid = reference_grid(b * c, h, w, device=x.device, dtype=x.dtype) + torch.cat([dx, torch.zeros_like(dx)], -1)
+    base = reference_grid(b * c, h, w, device=x.device, dtype=x.dtype) if base is None else base
+    grid = base + torch.cat([dx, torch.zeros_like(dx)], -1)
     out = F.grid_sample(x.reshape(b * c, 1, h, w), grid, mode="bilinear", padding_mode="reflection",
                         align_corners=False)
     return out.view(b, c, h, w).clamp(0.0, 1.0)
@@ -72,12 +74,12 @@ def glitch(model, x, y, *, eps=0.05, steps=60, step_size=0.0025, num_lines=16, g
     eps_b = per_sample(eps, x).view(b, 1, 1)                                       # (B, 1, 1)
     shifts = eps_b * torch.rand(b, c, int(num_lines), generator=generator, device=x.device, dtype=x.dtype)
 
-    on = eps_b.view(b, 1, 1, 1) > 0
+    on, base = eps_b.view(b, 1, 1, 1) > 0, reference_grid(b * c, *x.shape[2:], device=x.device, dtype=x.dtype)
 
     def project(v):
         return torch.maximum(torch.minimum(v, eps_b), -eps_b)
 
     # DEVIATION: eps = 0 returns x (the reference's render of a zero shift is not x) -- attack contract, README.md
-    return latent_pgd(model, x, y, shifts, lambda v: torch.where(on, render(x, v, grey_strength=grey_strength), x),
+    return latent_pgd(model, x, y, shifts, lambda v: torch.where(on, render(x, v, grey_strength=grey_strength, base=base), x),
                       project, steps=int(steps), step_size=step_size, direction=direction, loss_fn=loss_fn,
                       step_rule="sign")
