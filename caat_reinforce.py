@@ -532,6 +532,9 @@ class DirectionStats:
 
 def start_run(args, script, key):
     """Resume or validate, seed, device, data and scenario, then the run directory (nothing is written before)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.exit(f"{script}.py: error: runs as one process; several (torchrun) are not supported yet (README, "
+                 f"\"Several GPUs\")")
     resume = load_resume(args.resume, script, key) if args.resume else None
     if resume is not None:   # the run's settings from the checkpoint; device and testing aid from this command line
         args = argparse.Namespace(**{**resume["args"], "resume": args.resume, "device": args.device,
@@ -824,12 +827,17 @@ def run_info(device: torch.device) -> dict:
 
 
 def append_jsonl(path, record):
+    if os.environ.get("RANK", "0") != "0":   # torchrun: only rank 0 writes
+        return
     with open(path, "a") as f:
         f.write(json.dumps(strict_json(record), sort_keys=True, allow_nan=False) + "\n")
 
 
 def save_checkpoint(path, obj):
-    """Atomic torch.save: write path.tmp, then os.replace (a kill at any moment leaves the old or the new file)."""
+    """Atomic torch.save: write path.tmp, then os.replace (a kill at any moment leaves the old or the new file).
+    Under torchrun only rank 0 writes."""
+    if os.environ.get("RANK", "0") != "0":
+        return
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -861,11 +869,13 @@ def restore_rng(rng, *generators):
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def truncate_log(path, step):
-    """On resume, keep only the log lines up to the checkpoint's step (later ones are written again, identically)."""
+def truncate_log(path, step, keep=None):
+    """On resume, keep only the log lines up to the checkpoint's step, and at most the first `keep` (the lines the
+    checkpoint had seen: a line written after it at the same step is written again); later ones come again,
+    identically."""
     if path.exists():
         lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-        write_text(path, "".join(l + "\n" for l in lines))
+        write_text(path, "".join(l + "\n" for l in lines[:keep]))
 # ==== END SHARED: run-dir ====
 
 
@@ -1123,27 +1133,32 @@ def iterate_batches(x_u8, y, batch_size, generator=None, augment=None, drop_last
 
 
 # ==== BEGIN SHARED: evaluate (canonical: cas.py; copies: caat_meta.py, caat_reinforce.py, eval.py) ====
-def evaluate(model, x_u8, y, attack_fns, batch_size, seed):
+def evaluate(model, x_u8, y, attack_fns, batch_size, seed, part=(0, 1), gather=None):
     """Clean accuracy and accuracy under each attack (dict name -> fn(model, x, y) -> x_adv) on (x_u8, y).
 
-    Eval mode throughout (the mode is restored after). The RNG is forked and re-seeded before each attack, so a result
-    depends neither on the training RNG nor on which other attacks ran. Also returns per-example correctness.
+    Eval mode throughout (the mode is restored after). The RNG is forked and re-seeded from (seed, batch index)
+    before each batch of each attack, so a result depends neither on the training RNG, nor on which other attacks
+    ran, nor on which process attacked which batch. part = (rank, ranks): this process takes batches rank,
+    rank + ranks, ...; gather(obj) -> [obj of every rank] (torchrun) merges them, so every rank gets the results of
+    one process. Also returns per-example correctness.
     """
     was_training = model.training
     model.eval()
     devices = [y.device.index or 0] if y.device.type == "cuda" else []
     correct = {}
-    with torch.no_grad():
-        correct["clean"] = torch.cat([model(xb).argmax(1) == yb for xb, yb in iterate_batches(x_u8, y, batch_size)])
-    for name, fn in attack_fns.items():
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            hits = []
-            for xb, yb in iterate_batches(x_u8, y, batch_size):
-                x_adv = fn(model, xb, yb)
-                with torch.no_grad():
-                    hits.append(model(x_adv).argmax(1) == yb)
-            correct[name] = torch.cat(hits)
+    for name, fn in {"clean": None, **attack_fns}.items():
+        hits = {}
+        for i, (xb, yb) in enumerate(iterate_batches(x_u8, y, batch_size)):
+            if i % part[1] != part[0]:
+                continue
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed + 1_000_003 * i)
+                x_adv = xb if fn is None else fn(model, xb, yb)
+            with torch.no_grad():
+                hits[i] = model(x_adv).argmax(1) == yb
+        if part[1] > 1:
+            hits = {i: h.to(y.device) for d in gather({i: h.cpu() for i, h in hits.items()}) for i, h in d.items()}
+        correct[name] = torch.cat([hits[i] for i in sorted(hits)])
     model.train(was_training)
     acc = {k: v.float().mean().item() for k, v in correct.items()}
     return {"clean": acc.pop("clean"), "attacks": acc, "correct": correct}
@@ -1152,7 +1167,10 @@ def evaluate(model, x_u8, y, attack_fns, batch_size, seed):
 
 # ==== BEGIN SHARED: io (canonical: cas.py; copies: caat_meta.py, caat_reinforce.py, eval.py) ====
 def write_text(path, text):
-    """Atomic write (temp file + os.replace): a crash never leaves a half-written file."""
+    """Atomic write (temp file + os.replace): a crash never leaves a half-written file. Under torchrun only rank 0
+    writes (RANK is torchrun's variable)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)

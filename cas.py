@@ -8,6 +8,7 @@ Generalization Against Unforeseen Attacks"); "README D<n>" to the numbered imple
 
     python cas.py --dataset cifar10                                   # pre-train (l_p PGD-AT), then CAS: the whole job
     python cas.py --dataset cifar10 --init-ckpt runs/pre/model.pt     # CAS from an l_p-robust model (the paper)
+    torchrun --standalone --nproc_per_node 8 cas.py --dataset cifar10  # the same on 8 GPUs (README D25)
     python cas.py --dataset fake --device cpu --width 8 --pretrain-epochs 1 --epochs 1 --max-steps 2 \
         --attack-steps 1 --eval-attack-steps 1 --eval-examples 8 --attacks linf,l2,l1   # smoke test (seconds)
 
@@ -16,6 +17,7 @@ continues it. `from cas import CASSampler` gives the bandit alone (the script ru
 """
 
 import argparse
+import atexit
 import json
 import math
 import os
@@ -31,6 +33,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -226,8 +229,11 @@ class CASSampler(_Sampler):
 # ----------------------------------------------------------------------------------------------------------------
 
 def train_step(model, optimizer, x, y, arms, weights, sampler, beta, amp):
-    """One iteration of Alg. 1 (or of AVG when sampler is None); returns host-side stats after ONE host sync."""
+    """One iteration of Alg. 1 (or of AVG when sampler is None) on the global batch (x, y); returns host-side stats
+    after ONE host sync. Under torchrun each rank attacks and trains on its slice; gradients and the losses the
+    sampler observes are those of the global batch, so every rank's sampler draws the same arm (README D25)."""
     autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp)
+    n_global, (x, y) = len(y), (local_part(x), local_part(y))
     names = list(arms)
     picked = list(range(len(names))) if sampler is None else [sampler.sample()]     # Alg. 1, line 9
     model.eval()   # attacks are generated in eval mode (BN running stats frozen); README D3
@@ -254,11 +260,14 @@ def train_step(model, optimizer, x, y, arms, weights, sampler, beta, amp):
         with autocast:
             clean = F.cross_entropy(model(x), y)
         ((1 - beta) * clean).backward()
+    sync_gradients(model.parameters(), len(y), n_global)                               # torchrun: global gradient
     optimizer.step()                                                                    # Alg. 1, line 13
-    stats = torch.stack([c.detach().float() for c in ce] + [clean.detach().float(), eat_correct.float()]).tolist()
-    *ce_v, clean_v, correct = stats                                                     # the one host sync above
+    share = len(y) / n_global   # the global batch's mean losses and E-AT's count, summed over the ranks
+    stats = all_sum(torch.stack([c.detach().float() * share for c in ce] + [clean.detach().float() * share,
+                                                                           eat_correct.float()]))
+    *ce_v, clean_v, correct = stats.tolist()                                            # the one host sync
     if sampler is not None:
-        sampler.update(picked[0], ce_v[0], correct=int(correct), total=len(y))          # Alg. 1, lines 10 and 14
+        sampler.update(picked[0], ce_v[0], correct=int(correct), total=n_global)        # Alg. 1, lines 10 and 14
     loss_adv = sum(weights[v] * c for v, c in zip(picked, ce_v)) / wsum
     return {"arm": picked[0] if sampler is not None else -1, "loss_adv": loss_adv,
             "loss": beta * loss_adv + (1 - beta) * clean_v}
@@ -367,7 +376,7 @@ def calibrate(model, x_u8, y, names, args, eps_table):
         eps, history = eps0, []
         for r in range(args.calib_rounds + 1):
             arm = make_arms([name], "eval", args.dataset, None, {name: eps})
-            acc = evaluate(model, x_u8, y, arm, args.batch_size, args.seed)["attacks"][name]
+            acc = evaluate(model, x_u8, y, arm, args.batch_size, args.seed, world(), all_gather)["attacks"][name]
             history.append([eps, acc])
             if lo <= acc <= hi or r == args.calib_rounds:
                 break
@@ -432,6 +441,7 @@ def make_schedule(optimizer, kind, total_steps):
 # ----------------------------------------------------------------------------------------------------------------
 
 def main(args):
+    rank, size = init_distributed(args.device)   # torchrun: one process per GPU (README D25); else (0, 1)
     resume = load_resume(args.resume, SCRIPT, "sampler") if args.resume else None
     if resume is not None:   # the run's settings from its checkpoint; where to run (and the testing aid) from here
         args = argparse.Namespace(**{**resume["args"], "resume": args.resume, "device": args.device,
@@ -440,7 +450,11 @@ def main(args):
     device = pick_device(args.device)
     resolve_speed_flags(args, device)   # --attack-bf16 (default: on for CUDA), --compile
     stages = plan(args)
-    out_dir = make_run_dir(args, SCRIPT, resuming=resume is not None)
+    if args.batch_size < size:
+        sys.exit(f"cas.py: error: --batch-size {args.batch_size} (the global batch) is smaller than the {size} ranks")
+    out_dir = make_run_dir(args, SCRIPT, resuming=resume is not None) if rank == 0 else None
+    args.out_dir = all_gather(str(out_dir))[0]   # rank 0's (timestamped) directory, for every rank
+    out_dir = Path(args.out_dir)
     print(f"run directory: {out_dir}", flush=True)
     if resume is None:
         write_json(out_dir / "args.json", {**vars(args), "stages": [s._asdict() for s in stages], **run_info(device)})
@@ -449,14 +463,16 @@ def main(args):
     model = place_model(build_model(data["num_classes"], data["mean"], data["std"], args.width, args.activation),
                         device)
     net = torch.compile(model) if args.compile else model   # forwards (same parameters); `model`: the state_dicts
-    data_gen = torch.Generator().manual_seed(args.seed)       # shuffling + augmentation, independent of the model
+    data_gen = torch.Generator().manual_seed(args.seed)       # shuffling + augmentation: the same on every rank
+    if rank:
+        torch.manual_seed(args.seed + rank)                   # torchrun: the attacks' random starts, one stream a rank
     state = {"stage": 0, "epoch": 0, "step": 0, "results": {}, "train_s": {}, "wall_s": 0.0,
              "eps_table": load_eps_table(args.eps_table)}
     if resume is not None:   # D12: the run directory alone resumes the run (--init-ckpt is not read again)
         model.load_state_dict(resume["model"])
         state = {k: resume[k] for k in state}
-        restore_rng(resume["rng"], data_gen)
-        truncate_log(out_dir / "log.jsonl", state["step"])
+        restore_rank_rng(resume["rng"], data_gen)
+        truncate_log(out_dir / "log.jsonl", state["step"], resume.get("log_lines"))
     elif args.init_ckpt:
         load_weights(model, args.init_ckpt)
     warn_if_slow(model, data, args, stages, device)
@@ -478,6 +494,7 @@ def main(args):
         for epoch in range(state["epoch"], st.epochs):
             record, last = train_epoch(net, optimizer, scheduler, sampler, train_arms, st, data, data_gen, args,
                                        state, out_dir)
+            sync_buffers(model)   # torchrun: one model on every rank before it is evaluated and saved
             if (epoch + 1) % args.eval_every == 0 or last:
                 state["results"][st.name] = evaluate_and_log(net, data, eval_arms, st, args, out_dir, record)
             else:
@@ -486,7 +503,8 @@ def main(args):
             save_checkpoint(out_dir / "ckpt.pt", {
                 "format": 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict() if sampler else None,
-                "rng": capture_rng(data_gen), "args": vars(args), **model_meta(args, data, st), **state})
+                "rng": capture_rank_rng(data_gen), "args": vars(args), **model_meta(args, data, st), **state,
+                "log_lines": len((out_dir / "log.jsonl").read_text().splitlines()) if rank == 0 else 0})
             if last:
                 break
         if st.name == "pretrain" and st.epochs:   # a reusable l_p-robust starting point (--init-ckpt of later runs)
@@ -617,7 +635,7 @@ def evaluate_and_log(model, data, arms, stage, args, out_dir, record):
     t0 = time.time()
     # DEVIATION: per-epoch robust accuracy uses PGD / the attacks themselves, not AutoAttack (Sec. 5.1); eval.py runs
     # AutoAttack on the final model (README D8)
-    res = evaluate(model, data["test_x"], data["test_y"], arms, args.batch_size, args.seed)
+    res = evaluate(model, data["test_x"], data["test_y"], arms, args.batch_size, args.seed, world(), all_gather)
     agg = aggregate(res["attacks"], stage.weights, stage.attacks, scenario(args))
     accs = {f"test/acc/{n}": a for n, a in res["attacks"].items()}
     log_epoch(out_dir, {**record, "test/acc_clean": res["clean"], **accs, **{f"test/{k}": v for k, v in agg.items()},
@@ -778,6 +796,92 @@ def resolve_speed_flags(args, device):
 # ==== END SHARED: setup ====
 
 
+# ==== BEGIN SHARED: distributed (canonical: cas.py; copies: eval.py) ====
+# Data parallelism under torchrun (README, "Several GPUs"): every rank runs the same script on its own slice of each
+# global batch. A plain `python script.py` is rank 0 of 1, and every function below is then a no-op.
+def init_distributed(device_name: str):
+    """Under torchrun (WORLD_SIZE > 1): join the process group -- NCCL with this process's GPU (LOCAL_RANK) on CUDA,
+    gloo on CPU -- and silence the other ranks' stdout (rank 0 prints). Returns (rank, world size)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        cuda = torch.device(device_name).type == "cuda" and torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+        atexit.register(dist.destroy_process_group)
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")   # errors still reach stderr
+    return dist.get_rank(), dist.get_world_size()
+
+
+def world():
+    """(rank, world size): (0, 1) outside torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def all_gather(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (any picklable object)."""
+    if world()[1] == 1:
+        return [obj]
+    out = [None] * world()[1]
+    dist.all_gather_object(out, obj)
+    return out
+# ==== END SHARED: distributed ====
+
+
+# ==== BEGIN SHARED: data-parallel (canonical: cas.py) ====
+def local_part(t):
+    """This rank's slice of a global batch (contiguous, sizes differ by at most one)."""
+    rank, size = world()
+    return t if size == 1 else t.tensor_split(size)[rank]
+
+
+def all_sum(t):
+    """t summed over the ranks, in place (every rank gets the same bits)."""
+    if world()[1] > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def sync_gradients(params, n_local, n_global):
+    """The global batch's gradient on every rank: sum_r (n_r / N) grad_r, each rank's loss being its slice's mean,
+    in one all-reduce. Used instead of DistributedDataParallel, whose reducer would take the attacks' input-gradient
+    passes through the same model (between training steps, in eval mode) for an unfinished backward."""
+    if world()[1] == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = all_sum(torch.cat([g.flatten() for g in grads]) * (n_local / n_global))
+    for g, v in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(v.view_as(g))
+
+
+def capture_rank_rng(*generators):
+    """capture_rng of this process; under torchrun every rank's, as {"ranks": [...]} (rank 0 saves them all)."""
+    return capture_rng(*generators) if world()[1] == 1 else {"ranks": all_gather(capture_rng(*generators))}
+
+
+def restore_rank_rng(rng, *generators):
+    """restore_rng with this rank's states from a capture_rank_rng; a run resumes with as many ranks as it had."""
+    saved = len(rng.get("ranks", [rng]))
+    if saved != world()[1]:
+        sys.exit(f"--resume: the run had {saved} process(es), this one {world()[1]}; resume with as many")
+    restore_rng(rng["ranks"][world()[0]] if "ranks" in rng else rng, *generators)
+
+
+def sync_buffers(model):
+    """Average the batch-norm running statistics over the ranks, so that every rank holds one model. Each rank
+    normalises with its own slice's batch statistics (DDP's default, no SyncBatchNorm); called before every
+    evaluation and checkpoint."""
+    if world()[1] == 1:
+        return
+    bufs = [b for b in model.buffers() if b.is_floating_point()]
+    flat = all_sum(torch.cat([b.flatten() for b in bufs])) / world()[1]
+    for b, v in zip(bufs, flat.split([b.numel() for b in bufs])):
+        b.copy_(v.view_as(b))
+# ==== END SHARED: data-parallel ====
+
+
 # ==== BEGIN SHARED: run-dir (canonical: cas.py; copies: caat_meta.py, caat_reinforce.py) ====
 def make_run_dir(args, script: str, resuming: bool = False) -> Path:
     """Create (or, when resuming, reuse) the run directory; never overwrite another run's files."""
@@ -804,12 +908,17 @@ def run_info(device: torch.device) -> dict:
 
 
 def append_jsonl(path, record):
+    if os.environ.get("RANK", "0") != "0":   # torchrun: only rank 0 writes
+        return
     with open(path, "a") as f:
         f.write(json.dumps(strict_json(record), sort_keys=True, allow_nan=False) + "\n")
 
 
 def save_checkpoint(path, obj):
-    """Atomic torch.save: write path.tmp, then os.replace (a kill at any moment leaves the old or the new file)."""
+    """Atomic torch.save: write path.tmp, then os.replace (a kill at any moment leaves the old or the new file).
+    Under torchrun only rank 0 writes."""
+    if os.environ.get("RANK", "0") != "0":
+        return
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -841,11 +950,13 @@ def restore_rng(rng, *generators):
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def truncate_log(path, step):
-    """On resume, keep only the log lines up to the checkpoint's step (later ones are written again, identically)."""
+def truncate_log(path, step, keep=None):
+    """On resume, keep only the log lines up to the checkpoint's step, and at most the first `keep` (the lines the
+    checkpoint had seen: a line written after it at the same step is written again); later ones come again,
+    identically."""
     if path.exists():
         lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-        write_text(path, "".join(l + "\n" for l in lines))
+        write_text(path, "".join(l + "\n" for l in lines[:keep]))
 # ==== END SHARED: run-dir ====
 
 
@@ -1103,27 +1214,32 @@ def iterate_batches(x_u8, y, batch_size, generator=None, augment=None, drop_last
 
 
 # ==== BEGIN SHARED: evaluate (canonical: cas.py; copies: caat_meta.py, caat_reinforce.py, eval.py) ====
-def evaluate(model, x_u8, y, attack_fns, batch_size, seed):
+def evaluate(model, x_u8, y, attack_fns, batch_size, seed, part=(0, 1), gather=None):
     """Clean accuracy and accuracy under each attack (dict name -> fn(model, x, y) -> x_adv) on (x_u8, y).
 
-    Eval mode throughout (the mode is restored after). The RNG is forked and re-seeded before each attack, so a result
-    depends neither on the training RNG nor on which other attacks ran. Also returns per-example correctness.
+    Eval mode throughout (the mode is restored after). The RNG is forked and re-seeded from (seed, batch index)
+    before each batch of each attack, so a result depends neither on the training RNG, nor on which other attacks
+    ran, nor on which process attacked which batch. part = (rank, ranks): this process takes batches rank,
+    rank + ranks, ...; gather(obj) -> [obj of every rank] (torchrun) merges them, so every rank gets the results of
+    one process. Also returns per-example correctness.
     """
     was_training = model.training
     model.eval()
     devices = [y.device.index or 0] if y.device.type == "cuda" else []
     correct = {}
-    with torch.no_grad():
-        correct["clean"] = torch.cat([model(xb).argmax(1) == yb for xb, yb in iterate_batches(x_u8, y, batch_size)])
-    for name, fn in attack_fns.items():
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            hits = []
-            for xb, yb in iterate_batches(x_u8, y, batch_size):
-                x_adv = fn(model, xb, yb)
-                with torch.no_grad():
-                    hits.append(model(x_adv).argmax(1) == yb)
-            correct[name] = torch.cat(hits)
+    for name, fn in {"clean": None, **attack_fns}.items():
+        hits = {}
+        for i, (xb, yb) in enumerate(iterate_batches(x_u8, y, batch_size)):
+            if i % part[1] != part[0]:
+                continue
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed + 1_000_003 * i)
+                x_adv = xb if fn is None else fn(model, xb, yb)
+            with torch.no_grad():
+                hits[i] = model(x_adv).argmax(1) == yb
+        if part[1] > 1:
+            hits = {i: h.to(y.device) for d in gather({i: h.cpu() for i, h in hits.items()}) for i, h in d.items()}
+        correct[name] = torch.cat([hits[i] for i in sorted(hits)])
     model.train(was_training)
     acc = {k: v.float().mean().item() for k, v in correct.items()}
     return {"clean": acc.pop("clean"), "attacks": acc, "correct": correct}
@@ -1151,7 +1267,10 @@ def aggregate(acc, weights, names, scenario):
 
 # ==== BEGIN SHARED: io (canonical: cas.py; copies: caat_meta.py, caat_reinforce.py, eval.py) ====
 def write_text(path, text):
-    """Atomic write (temp file + os.replace): a crash never leaves a half-written file."""
+    """Atomic write (temp file + os.replace): a crash never leaves a half-written file. Under torchrun only rank 0
+    writes (RANK is torchrun's variable)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)

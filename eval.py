@@ -7,6 +7,7 @@
     python eval.py --ckpt wrn.pt --arch mypkg.nets:WideResNet --arch-kwargs '{"depth": 28}'   # any architecture
     python eval.py --compare a/eval.json b/eval.json --labels SAT,CAS | --aggregate runs/t1/*/s*/eval.json --out t1.md
     python eval.py --tradeoff start.json rows/*/eval.json --out matrix.md     # CAS Figs. 3/6
+    torchrun --standalone --nproc_per_node 8 eval.py --ckpt model.pt          # batches shared out over 8 GPUs
 
 From Python, any nn.Module (options: the flags' names; files are written only with out=... or ckpt=...):
 
@@ -18,11 +19,13 @@ Input convention (AutoAttack's, RobustBench's): a model receives images in [0, 1
 carry a Normalize layer; --input-norm applies to our PreActResNet-18 only). Evaluates the FIRST --n-examples test
 images in eval mode: accuracy clean and under each attack at full strength (attacks.attack_settings), the CAS
 aggregates (Table 1, Sec. 5.1), union accuracy, AutoAttack, CAAT's class-wise errors (Eqs. 45-48). The RNG is
-re-seeded before every attack; every adversarial batch is sanity-checked (AutoAttack-style). eval.json (schema:
+re-seeded before every batch of every attack (so N torchrun ranks write what one process writes); every adversarial
+batch is sanity-checked (AutoAttack-style). eval.json (schema:
 README.md#evalpy) and eval.md are rewritten atomically after every attack (--resume skips finished ones).
 """
 
 import argparse
+import atexit
 import importlib.util
 import json
 import math
@@ -36,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -537,10 +541,15 @@ def hms(seconds):
 def run_job(model, x_u8, y, fn, name, norm, eps, batch_size, seed, n_show, whole=False):
     """One attack through the shared `evaluate` (re-seeded), every batch sanity-checked; returns the per-image
     correctness, the check's stats and the first n_show adversarial images. whole: fn gets every image at once
-    (AutoAttack batches itself, each component over all images before the next), its output is checked per batch."""
+    (AutoAttack batches itself, each component over all images before the next), its output is checked per batch.
+    Under torchrun each rank attacks its share of the batches (as `evaluate` deals them) and the results are merged.
+    """
     stats, shown = {"max_pert": 0.0, "x_min": 1.0, "x_max": 0.0, "n_nan": 0}, []
-    if whole:
-        done = iter(fn(model, to_float(x_u8), y).split(batch_size))
+    rank, size = world()
+    if whole:   # this rank's batches at once, in evaluate's order (AutoAttack's chunks = the same batches)
+        mine = torch.cat([torch.arange(len(y), device=y.device)[i: i + batch_size]
+                          for i in range(rank * batch_size, len(y), size * batch_size)])
+        done = iter(fn(model, to_float(x_u8[mine]), y[mine]).split(batch_size))
         fn = lambda m, x, y_b: next(done)   # noqa: E731  (evaluate visits the batches in order)
 
     def checked(m, x, y_b):
@@ -551,7 +560,12 @@ def run_job(model, x_u8, y, fn, name, norm, eps, batch_size, seed, n_show, whole
         shown.append(x_adv[:n_show - sum(map(len, shown))].detach().cpu())
         return x_adv
 
-    return evaluate(model, x_u8, y, {name: checked}, batch_size, seed)["correct"][name].cpu(), stats, torch.cat(shown)
+    correct = evaluate(model, x_u8, y, {name: checked}, batch_size, seed, (rank, size), all_gather)["correct"][name]
+    if size > 1:   # the check's stats over every rank's batches (the images shown: rank 0's, from batch 0 on)
+        every = all_gather(stats)
+        stats = {"max_pert": max(s["max_pert"] for s in every), "x_min": min(s["x_min"] for s in every),
+                 "x_max": max(s["x_max"] for s in every), "n_nan": sum(s["n_nan"] for s in every)}
+    return correct.cpu(), stats, torch.cat(shown or [to_float(x_u8[:0])]).cpu()
 
 
 class UsageError(ValueError):
@@ -568,6 +582,7 @@ def evaluate_model(model, dataset="cifar10", **options):
     vars(args).update(options, dataset=dataset)
     try:   # everything that can be checked before the first attack: a user error, not a bug
         check_args(args)
+        init_distributed(args.device)   # torchrun: the batches are shared out over the ranks (README, eval.py)
         seed_everything(args.seed, args.deterministic)
         model = place_model(model, device := pick_device(args.device)).eval()   # CUDA: channels_last
         net = torch.compile(model) if resolve_speed_flags(args, device).compile else model   # the forwards
@@ -601,7 +616,7 @@ def evaluate_model(model, dataset="cifar10", **options):
             "config": {"attacks": args.attacks, "level": args.level, "steps": args.steps, "eps_table": eps_table,
                        "aa_version": args.aa_version, "caat_pgd": args.caat_pgd, "lp_source": args.lp_source,
                        "attack_bf16": args.attack_bf16, "compile": args.compile}})
-        first = evaluate(net, x_u8, y, {}, args.batch_size, args.seed)
+        first = evaluate(net, x_u8, y, {}, args.batch_size, args.seed, world(), all_gather)
         clean = bits(first["correct"]["clean"])
         if res.setdefault("clean_correct", clean) != clean:
             raise ValueError(f"--resume: the clean predictions differ from those in {out} (another model or data?)")
@@ -638,7 +653,7 @@ def evaluate_model(model, dataset="cifar10", **options):
     res.update(pending=[], complete=True)
     text = write_outputs(res, out, y, num_classes, scenario, args.lp_source)
     print(f"\n{text}" + (f"\nwritten: {out}, {out.with_suffix('.md')}" if out else ""), flush=True)
-    if args.save_examples and examples:   # row 0 the clean images, then one row per attack run
+    if args.save_examples and examples and world()[0] == 0:   # row 0 the clean images, then one row per attack
         from torchvision.utils import save_image   # only here: eval.py needs torchvision for this option alone
         save_image(torch.cat([to_float(x_u8[: args.n_show]).cpu()] + [r for _, r in examples]), args.save_examples,
                    nrow=min(args.n_show, len(y)), padding=2, pad_value=1.0)
@@ -730,6 +745,40 @@ def resolve_speed_flags(args, device):
     args.compile = bool(getattr(args, "compile", False))
     return args
 # ==== END SHARED: setup ====
+
+
+# ==== BEGIN SHARED: distributed (canonical: cas.py; copies: eval.py) ====
+# Data parallelism under torchrun (README, "Several GPUs"): every rank runs the same script on its own slice of each
+# global batch. A plain `python script.py` is rank 0 of 1, and every function below is then a no-op.
+def init_distributed(device_name: str):
+    """Under torchrun (WORLD_SIZE > 1): join the process group -- NCCL with this process's GPU (LOCAL_RANK) on CUDA,
+    gloo on CPU -- and silence the other ranks' stdout (rank 0 prints). Returns (rank, world size)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        cuda = torch.device(device_name).type == "cuda" and torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+        atexit.register(dist.destroy_process_group)
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")   # errors still reach stderr
+    return dist.get_rank(), dist.get_world_size()
+
+
+def world():
+    """(rank, world size): (0, 1) outside torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def all_gather(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (any picklable object)."""
+    if world()[1] == 1:
+        return [obj]
+    out = [None] * world()[1]
+    dist.all_gather_object(out, obj)
+    return out
+# ==== END SHARED: distributed ====
 
 
 # ==== BEGIN SHARED: model (canonical: cas.py; copies: caat_meta.py, caat_reinforce.py, eval.py) ====
@@ -986,27 +1035,32 @@ def iterate_batches(x_u8, y, batch_size, generator=None, augment=None, drop_last
 
 
 # ==== BEGIN SHARED: evaluate (canonical: cas.py; copies: caat_meta.py, caat_reinforce.py, eval.py) ====
-def evaluate(model, x_u8, y, attack_fns, batch_size, seed):
+def evaluate(model, x_u8, y, attack_fns, batch_size, seed, part=(0, 1), gather=None):
     """Clean accuracy and accuracy under each attack (dict name -> fn(model, x, y) -> x_adv) on (x_u8, y).
 
-    Eval mode throughout (the mode is restored after). The RNG is forked and re-seeded before each attack, so a result
-    depends neither on the training RNG nor on which other attacks ran. Also returns per-example correctness.
+    Eval mode throughout (the mode is restored after). The RNG is forked and re-seeded from (seed, batch index)
+    before each batch of each attack, so a result depends neither on the training RNG, nor on which other attacks
+    ran, nor on which process attacked which batch. part = (rank, ranks): this process takes batches rank,
+    rank + ranks, ...; gather(obj) -> [obj of every rank] (torchrun) merges them, so every rank gets the results of
+    one process. Also returns per-example correctness.
     """
     was_training = model.training
     model.eval()
     devices = [y.device.index or 0] if y.device.type == "cuda" else []
     correct = {}
-    with torch.no_grad():
-        correct["clean"] = torch.cat([model(xb).argmax(1) == yb for xb, yb in iterate_batches(x_u8, y, batch_size)])
-    for name, fn in attack_fns.items():
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            hits = []
-            for xb, yb in iterate_batches(x_u8, y, batch_size):
-                x_adv = fn(model, xb, yb)
-                with torch.no_grad():
-                    hits.append(model(x_adv).argmax(1) == yb)
-            correct[name] = torch.cat(hits)
+    for name, fn in {"clean": None, **attack_fns}.items():
+        hits = {}
+        for i, (xb, yb) in enumerate(iterate_batches(x_u8, y, batch_size)):
+            if i % part[1] != part[0]:
+                continue
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed + 1_000_003 * i)
+                x_adv = xb if fn is None else fn(model, xb, yb)
+            with torch.no_grad():
+                hits[i] = model(x_adv).argmax(1) == yb
+        if part[1] > 1:
+            hits = {i: h.to(y.device) for d in gather({i: h.cpu() for i, h in hits.items()}) for i, h in d.items()}
+        correct[name] = torch.cat([hits[i] for i in sorted(hits)])
     model.train(was_training)
     acc = {k: v.float().mean().item() for k, v in correct.items()}
     return {"clean": acc.pop("clean"), "attacks": acc, "correct": correct}
@@ -1034,7 +1088,10 @@ def aggregate(acc, weights, names, scenario):
 
 # ==== BEGIN SHARED: io (canonical: cas.py; copies: caat_meta.py, caat_reinforce.py, eval.py) ====
 def write_text(path, text):
-    """Atomic write (temp file + os.replace): a crash never leaves a half-written file."""
+    """Atomic write (temp file + os.replace): a crash never leaves a half-written file. Under torchrun only rank 0
+    writes (RANK is torchrun's variable)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
