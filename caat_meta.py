@@ -21,6 +21,7 @@ Writes args.json, corruption.pt, log.jsonl, ckpt.pt, model.pt, results.json into
 """
 
 import argparse
+import atexit
 import json
 import math
 import os
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
@@ -180,16 +182,19 @@ def per_sample_losses(forward, x, x_adv, x_anti, y, loss):
 
 def weighted_loss(t, a, b, w_nat, w_bdy, lam):
     """Eq. (25)/(27) with FRL's class weights: sum a w_nat CE / sum w_nat + lam sum a w_bdy KL / sum w_bdy
-    + sum b w_nat CE_anti / sum w_nat. Uniform weights give the plain batch mean of Eq. (27) (README D19)."""
+    + sum b w_nat CE_anti / sum w_nat. Uniform weights give the plain batch mean of Eq. (27) (README D19).
+    torchrun: the weight sums are the global batch's, so the loss is this rank's share of the global one."""
+    sum_nat, sum_bdy = all_sum(torch.stack([w_nat.sum(), w_bdy.sum()]))
     # DEVIATION: each term is normalised by its own weight sum, for every method; FRL's ReMargin code (frlrm.py)
     # divides both by the joint sum (README D19)
-    loss = (a * w_nat * t["nat"]).sum() / w_nat.sum() + lam * (a * w_bdy * t["bdy"]).sum() / w_bdy.sum()
+    loss = (a * w_nat * t["nat"]).sum() / sum_nat + lam * (a * w_bdy * t["bdy"]).sum() / sum_bdy
     if "anti" in t:
-        loss = loss + (b * w_nat * t["anti"]).sum() / w_nat.sum()
+        loss = loss + (b * w_nat * t["anti"]).sum() / sum_nat
     return loss
 
 
-def meta_step(model, wnet, wopt, zeta, x, x_adv, x_anti, y, w_nat, w_bdy, x_meta, y_meta, x_meta_adv, lr, args):
+def meta_step(model, wnet, wopt, zeta, x, x_adv, x_anti, y, w_nat, w_bdy, x_meta, y_meta, x_meta_adv, lr, n_meta,
+              args):
     """Eqs. (27)-(28): virtual SGD step W_hat(Omega), robust meta loss of W_hat on the clean meta batch, step on Omega.
 
     The classifier runs through torch.func.functional_call on CLONED buffers, so the virtual and meta forwards (train
@@ -203,19 +208,24 @@ def meta_step(model, wnet, wopt, zeta, x, x_adv, x_anti, y, w_nat, w_bdy, x_meta
     t = per_sample_losses(lambda inp: functional_call(model, (params, buffers), (inp,)), x, x_adv, x_anti, y, args.loss)
     grads = torch.autograd.grad(weighted_loss(t, w[:, 0], w[:, 1], w_nat, w_bdy, args.lam), list(params.values()),
                                 create_graph=True)
+    if world()[1] > 1:   # torchrun: the global batch's virtual step, by an all-reduce that autograd differentiates
+        from torch.distributed.nn.functional import all_reduce
+        flat = all_reduce(torch.cat([g.flatten() for g in grads]))
+        grads = [v.view_as(g) for g, v in zip(grads, flat.split([g.numel() for g in grads]))]
     fast = {k: p - lr * g for (k, p), g in zip(params.items(), grads)}   # Eq. (27): W_hat, eta_1 = current lr
     buffers = {k: v.clone() for k, v in model.named_buffers()}
     # DEVIATION: Eq. (28) weights the meta loss by alpha/beta of the meta samples; we use the unweighted robust loss
     # (README D14) -- the literal form is minimised by sending every meta sample to the anti-adversary branch
     m = per_sample_losses(lambda inp: functional_call(model, (fast, buffers), (inp,)), x_meta, x_meta_adv, None,
                           y_meta, args.loss)
-    meta_loss = (m["nat"] + args.lam * m["bdy"]).mean()
+    meta_loss = (m["nat"] + args.lam * m["bdy"]).sum() / n_meta         # torchrun: this rank's share of the mean
     omega = list(wnet.parameters())
     wopt.zero_grad(set_to_none=True)
     for p, g in zip(omega, torch.autograd.grad(meta_loss, omega)):       # second order: through W_hat(Omega)
         p.grad = g
+    sync_gradients(omega)                                                 # torchrun: the global meta gradient
     wopt.step()                                                           # Eq. (28)
-    return meta_loss.detach()
+    return all_sum(meta_loss.detach())
 
 
 def trades_init(x, seed):
@@ -229,10 +239,16 @@ def trades_init(x, seed):
 # ----------------------------------------------------------------------------------------------------------------
 
 def train_step(model, wnet, opt, wopt, x, y, meta_batch, ctx, args):
-    """Alg. 1, lines 4-13. ctx: class_counts, class_loss (updated here), w_nat, w_bdy, eps_cls, head, keep_zeta.
+    """Alg. 1, lines 4-13 on the global batch (x, y). ctx: class_counts, class_loss (updated here), w_nat, w_bdy,
+    eps_cls, head, keep_zeta.
 
     Returns per-sample alpha (adversary weight; > 0.5 counts as adversary), bound, margin and the loss (on the device).
+    Under torchrun each rank takes its slice of the batch and of the meta batch; the virtual step, the meta gradient
+    and the classifier's gradient are the global ones, the per-sample tensors returned are the rank's (README D25).
     """
+    x, y = local_part(x), local_part(y)
+    n_meta = len(meta_batch[1]) if meta_batch is not None else 0
+    meta_batch = meta_batch and (local_part(meta_batch[0]), local_part(meta_batch[1]))
     learned, n = args.direction == "learned", len(y)
     model.eval()   # characteristics and TRADES-style attacks in eval mode (README D3)
     with torch.no_grad():   # Sec. 4.2: characteristics on the clean x, then the zeta_6 EMA update
@@ -269,15 +285,16 @@ def train_step(model, wnet, opt, wopt, x, y, meta_batch, ctx, args):
                              args.attack_steps, 1, adv_loss, seed_meta)
         model.train()
         meta_step(model, wnet, wopt, zeta, x, x_adv, x_anti, y, w_nat, w_bdy, *meta_batch, x_meta_adv,
-                  opt.param_groups[0]["lr"], args)
+                  opt.param_groups[0]["lr"], n_meta, args)
         with torch.no_grad():
             a = wnet(zeta)[:, 0]
         b = 1 - a
     opt.zero_grad(set_to_none=True)
     loss = weighted_loss(per_sample_losses(model, x, x_adv, x_anti, y, args.loss), a, b, w_nat, w_bdy, args.lam)
     loss.backward()                                                      # Eq. (29)
+    sync_gradients(model.parameters())                                   # torchrun: the global batch's gradient
     opt.step()
-    return {"alpha": a, "eps": eps, "margin": raw[:, 1], "loss": loss.detach()}
+    return {"alpha": a, "eps": eps, "margin": raw[:, 1], "loss": all_sum(loss.detach())}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -306,6 +323,7 @@ def main(args):
            "head": head, "keep_zeta": keep_zeta}
     state = new_state()
     nets = {"model": model, "optimizer": opt, "scheduler": sched, "wnet": wnet, "wnet_optimizer": wopt}
+    broadcast_modules(model, wnet)                              # torchrun: rank 0's initial networks everywhere
     if resume is not None:
         restore_run(resume, nets, fair, ctx, state, out_dir, data_gen, meta_gen)
     elif args.init_ckpt:
@@ -328,7 +346,7 @@ def main(args):
             wnet.tau = tau_at(state["step"], total, args)
             s = train_step(net, wnet, opt, wopt, x, y, meta_batch, ctx, args)
             sched.step()
-            stats.add(y, noisy, s["alpha"], s["eps"], s["margin"], s["loss"])
+            stats.add(y, noisy, *gather_batch(s["alpha"], s["eps"], s["margin"]), s["loss"])   # every rank's
         rec.update({"lr": opt.param_groups[0]["lr"], "caat/tau": wnet.tau, **stats.log(),
                     "frl/w_nat": ctx["w_nat"].tolist(), "frl/w_bdy": ctx["w_bdy"].tolist(),
                     "frl/eps_class": (255 * ctx["eps_cls"]).tolist()})
@@ -435,6 +453,7 @@ def update_class_loss(class_loss, losses, y, momentum=CLASS_LOSS_MOMENTUM):
     # counts by index_add_ into a known size, not bincount (which reads max(y) back to the host on CUDA: a sync)
     n = torch.zeros_like(class_loss).index_add_(0, y, torch.ones_like(losses, dtype=class_loss.dtype))
     total = torch.zeros_like(class_loss).index_add_(0, y, losses.to(class_loss.dtype))
+    n, total = all_sum(torch.stack([n, total]))   # torchrun: the global batch's (README D25)
     return torch.where(n > 0, momentum * class_loss + (1 - momentum) * total / n.clamp_min(1), class_loss)
 # ==== END SHARED: caat-characteristics ====
 
@@ -577,7 +596,7 @@ def fairness_metrics(model, x_u8, y, steps_list, eps, num_classes, args):
     fns = {f"pgd{k}": (lambda k: lambda m, xb, yb: ATTACKS["linf"](attack_model(m, args.attack_bf16), xb, yb, eps=eps,
                                                                    steps=k, step_size=EVAL_STEP, init="uniform"))(k)
            for k in steps_list}
-    res = evaluate(model, x_u8, y, fns, args.batch_size, args.seed)
+    res = evaluate(model, x_u8, y, fns, args.batch_size, args.seed, world(), all_gather)
     out = {}
     for name in fns:
         e = classwise_errors(y, res["correct"]["clean"], res["correct"][name], num_classes)
@@ -654,9 +673,7 @@ class DirectionStats:
 
 def start_run(args, script, key):
     """Resume or validate, seed, device, data and scenario, then the run directory (nothing is written before)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        sys.exit(f"{script}.py: error: runs as one process; several (torchrun) are not supported yet (README, "
-                 f"\"Several GPUs\")")
+    rank, size = init_distributed(args.device)   # torchrun: one process per GPU (README D25); else (0, 1)
     resume = load_resume(args.resume, script, key) if args.resume else None
     if resume is not None:   # the run's settings from the checkpoint; device and testing aid from this command line
         args = argparse.Namespace(**{**resume["args"], "resume": args.resume, "device": args.device,
@@ -670,7 +687,14 @@ def start_run(args, script, key):
         sc = build_scenario(args, data)
     except ValueError as e:
         sys.exit(f"{script}.py: error: {e}")
-    out_dir = make_run_dir(args, script, resuming=resume is not None)
+    if args.batch_size < size:
+        sys.exit(f"{script}.py: error: --batch-size {args.batch_size} (the global batch) is smaller than the {size} "
+                 f"ranks")
+    out_dir = make_run_dir(args, script, resuming=resume is not None) if rank == 0 else None
+    args.out_dir = all_gather(str(out_dir))[0]   # rank 0's (timestamped) directory, for every rank
+    out_dir = Path(args.out_dir)
+    if rank:
+        torch.manual_seed(args.seed + rank)      # torchrun: the attacks' random starts, one stream a rank
     print(f"run directory: {out_dir}", flush=True)
     if resume is None:
         save_checkpoint(out_dir / "corruption.pt", {**sc["saved"], "noise": args.noise if args.scenario == "noisy"
@@ -709,7 +733,7 @@ def restore_run(resume, nets, fair, ctx, state, out_dir, *generators):
     fair.load_state_dict(resume["fairness"])
     ctx["class_loss"] = resume["class_loss"].to(ctx["class_loss"].device)
     state.update({k: resume[k] for k in state})
-    restore_rng(resume["rng"], *generators)
+    restore_rank_rng(resume["rng"], *generators)
     truncate_log(out_dir / "log.jsonl", state["step"])
 
 
@@ -757,6 +781,8 @@ def epoch_batches(sc, data, args, generator, state, stats, out_dir, total):
 def end_epoch(model, data, state, rec, epoch, t_epoch, t_start, args, out_dir, nets, fair, ctx, generators, summary):
     """Evaluate (every --eval-every epochs and at the end), print, log, checkpoint. Returns True after the last."""
     last = epoch + 1 == args.epochs or bool(args.max_steps and state["step"] >= args.max_steps)
+    sync_buffers(model)   # torchrun: one model on every rank before it is evaluated and saved
+    check_ranks_agree(*(v for v in nets.values() if isinstance(v, nn.Module)))
     rec = {"kind": "epoch", "epoch": epoch + 1, "step": state["step"], **rec}
     if (epoch + 1) % args.eval_every == 0 or last:
         state["results"]["final"] = eval_metrics(model, data, args)
@@ -771,9 +797,18 @@ def end_epoch(model, data, state, rec, epoch, t_epoch, t_start, args, out_dir, n
     state.update(epoch=args.epochs if last else epoch + 1, time_s=time.time() - t_start)
     save_checkpoint(out_dir / "ckpt.pt", {
         "format": 1, **{k: v.state_dict() for k, v in nets.items()}, "fairness": fair.state_dict(),
-        "class_loss": ctx["class_loss"].cpu(), "rng": capture_rng(*generators), "args": vars(args), **state,
+        "class_loss": ctx["class_loss"].cpu(), "rng": capture_rank_rng(*generators), "args": vars(args), **state,
         **model_meta(args, data)})
     return last
+
+
+def gather_batch(*tensors):
+    """torchrun: every rank's per-sample tensors of the step, concatenated in rank order (= the global batch's order,
+    local_part slices it contiguously); the tensors themselves in one process."""
+    if world()[1] == 1:
+        return tensors
+    parts = all_gather([t.cpu() for t in tensors])
+    return tuple(torch.cat([p[i] for p in parts]).to(t.device) for i, t in enumerate(tensors))
 
 
 def model_meta(args, data):
@@ -921,6 +956,112 @@ def resolve_speed_flags(args, device):
     args.compile = bool(getattr(args, "compile", False))
     return args
 # ==== END SHARED: setup ====
+
+
+# ==== BEGIN SHARED: distributed (canonical: cas.py; copies: caat_meta.py, caat_reinforce.py, eval.py) ====
+# Data parallelism under torchrun (README, "Several GPUs"): every rank runs the same script on its own slice of each
+# global batch. A plain `python script.py` is rank 0 of 1, and every function below is then a no-op.
+def init_distributed(device_name: str):
+    """Under torchrun (WORLD_SIZE > 1): join the process group -- NCCL with this process's GPU (LOCAL_RANK) on CUDA,
+    gloo on CPU -- and silence the other ranks' stdout (rank 0 prints). Returns (rank, world size)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        cuda = torch.device(device_name).type == "cuda" and torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+        atexit.register(dist.destroy_process_group)
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")   # errors still reach stderr
+    return dist.get_rank(), dist.get_world_size()
+
+
+def world():
+    """(rank, world size): (0, 1) outside torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def all_gather(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (any picklable object)."""
+    if world()[1] == 1:
+        return [obj]
+    out = [None] * world()[1]
+    dist.all_gather_object(out, obj)
+    return out
+# ==== END SHARED: distributed ====
+
+
+# ==== BEGIN SHARED: data-parallel (canonical: cas.py; copies: caat_meta.py, caat_reinforce.py) ====
+def local_part(t):
+    """This rank's slice of a global batch (contiguous, sizes differ by at most one)."""
+    rank, size = world()
+    return t if size == 1 else t.tensor_split(size)[rank]
+
+
+def all_sum(t):
+    """t summed over the ranks, in place (every rank gets the same bits)."""
+    if world()[1] > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def sync_gradients(params, weight=1.0):
+    """The global batch's gradient on every rank: sum over the ranks of weight * grad, in one all-reduce (weight
+    n_r / N when each rank's loss is its slice's mean, 1 when it is its share of the global loss). Used instead of
+    DistributedDataParallel, whose reducer would take the attacks' input-gradient passes through the same model
+    (between training steps, in eval mode) for an unfinished backward."""
+    if world()[1] == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = all_sum(torch.cat([g.flatten() for g in grads]) * weight)
+    for g, v in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(v.view_as(g))
+
+
+def capture_rank_rng(*generators):
+    """capture_rng of this process; under torchrun every rank's, as {"ranks": [...]} (rank 0 saves them all)."""
+    return capture_rng(*generators) if world()[1] == 1 else {"ranks": all_gather(capture_rng(*generators))}
+
+
+def restore_rank_rng(rng, *generators):
+    """restore_rng with this rank's states from a capture_rank_rng; a run resumes with as many ranks as it had."""
+    saved = len(rng.get("ranks", [rng]))
+    if saved != world()[1]:
+        sys.exit(f"--resume: the run had {saved} process(es), this one {world()[1]}; resume with as many")
+    restore_rng(rng["ranks"][world()[0]] if "ranks" in rng else rng, *generators)
+
+
+def broadcast_modules(*modules):
+    """Rank 0's parameters and buffers on every rank: the common starting point of data-parallel training."""
+    if world()[1] > 1:
+        for m in modules:
+            for t in m.state_dict().values():
+                dist.broadcast(t, 0)
+
+
+def check_ranks_agree(*states):
+    """Every rank must hold the same model (and sampler, ...): modules are compared by checksum, other states as they
+    are, at every checkpoint; a difference is a bug, reported rather than saved."""
+    if world()[1] == 1:
+        return
+    mine = [[float(t.double().sum()) for t in s.state_dict().values() if t.is_floating_point()]
+            if isinstance(s, nn.Module) else s for s in states]
+    if any(other != mine for other in all_gather(mine)):
+        raise RuntimeError("the ranks hold different models or sampler states (a data-parallel bug)")
+
+
+def sync_buffers(model):
+    """Average the batch-norm running statistics over the ranks, so that every rank holds one model. Each rank
+    normalises with its own slice's batch statistics (DDP's default, no SyncBatchNorm); called before every
+    evaluation and checkpoint."""
+    if world()[1] == 1:
+        return
+    bufs = [b for b in model.buffers() if b.is_floating_point()]
+    flat = all_sum(torch.cat([b.flatten() for b in bufs])) / world()[1]
+    for b, v in zip(bufs, flat.split([b.numel() for b in bufs])):
+        b.copy_(v.view_as(b))
+# ==== END SHARED: data-parallel ====
 
 
 # ==== BEGIN SHARED: run-dir (canonical: cas.py; copies: caat_meta.py, caat_reinforce.py) ====

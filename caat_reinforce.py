@@ -21,6 +21,7 @@ Writes args.json, corruption.pt, log.jsonl, ckpt.pt, model.pt, results.json into
 """
 
 import argparse
+import atexit
 import json
 import math
 import os
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -138,7 +140,10 @@ def perturb(model, x, y, logits_clean, eps, adv, steps, seed):
 
 
 def train_step(model, policy, opt, x, y, ctx, args):
-    """Alg. 2, lines 3-5. Returns zeta, actions, rewards (for the Omega step) and logging tensors (no host sync)."""
+    """Alg. 2, lines 3-5 on the global batch (x, y). Returns zeta, actions, rewards (for the Omega step) and logging
+    tensors (no host sync). Under torchrun each rank takes its slice; the classifier's loss and gradient are the
+    global batch's, the per-sample tensors returned are the rank's own (README D25)."""
+    n_global, (x, y) = len(y), (local_part(x), local_part(y))
     model.eval()   # characteristics and attacks in eval mode (README D3)
     with torch.no_grad():   # Sec. 4.2: characteristics on the clean x, then the zeta_6 EMA update
         logits_clean = model(x)
@@ -157,18 +162,20 @@ def train_step(model, policy, opt, x, y, ctx, args):
     ce = F.cross_entropy(logits, y, reduction="none")
     kl = F.kl_div(F.log_softmax(logits_tilde, 1), F.softmax(logits, 1), reduction="none").sum(1)   # TRADES
     anti = F.cross_entropy(logits_tilde, y, reduction="none")
-    lam = args.lam * len(y) if args.lam_reduction == "sum" else args.lam   # "sum": lam on a batch-summed KL
+    lam = args.lam * n_global if args.lam_reduction == "sum" else args.lam   # "sum": lam on a batch-summed KL
     advf, w_nat, w_bdy = adv.float(), ctx["w_nat"][y], ctx["w_bdy"][y]
+    sum_nat, sum_bdy = all_sum(torch.stack([w_nat.sum(), w_bdy.sum()]))   # the global batch's weight sums
     # Eq. (31) with FRL's class weights: adversaries CE + lam KL, anti-adversaries CE(f(x_anti), y);
     # uniform weights give (1/n) sum_i l(f(x_tilde_i), y_i)
-    loss = ((advf * w_nat * ce).sum() / w_nat.sum() + lam * (advf * w_bdy * kl).sum() / w_bdy.sum()
-            + ((1 - advf) * w_nat * anti).sum() / w_nat.sum())
+    loss = ((advf * w_nat * ce).sum() / sum_nat + lam * (advf * w_bdy * kl).sum() / sum_bdy
+            + ((1 - advf) * w_nat * anti).sum() / sum_nat)                   # torchrun: this rank's share
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    sync_gradients(model.parameters())                                      # torchrun: the global batch's gradient
     opt.step()                                                              # Alg. 2, line 5
     rewards = torch.where(adv, ce + lam * kl, -anti).detach()              # +L0 / -L1 of Eq. (34), before the step
-    return {"zeta": zeta, "actions": actions, "rewards": rewards, "adv": advf, "eps": eps, "loss": loss.detach(),
-            "margin": raw[:, 1]}
+    return {"zeta": zeta, "actions": actions, "rewards": rewards, "adv": advf, "eps": eps,
+            "loss": all_sum(loss.detach()), "margin": raw[:, 1]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -188,6 +195,7 @@ def main(args):
            "signed_bounds": torch.tensor(SIGNED_BOUNDS_255, dtype=torch.float32, device=device)}
     state = {**new_state(), "buffer": []}   # (zeta, action, reward) of the batches since the last Omega step
     nets = {"model": model, "optimizer": opt, "scheduler": sched, "policy": policy, "policy_optimizer": popt}
+    broadcast_modules(model, policy)                            # torchrun: rank 0's initial networks everywhere
     if resume is not None:
         restore_run(resume, nets, fair, ctx, state, out_dir, data_gen)
         state["buffer"] = [[t.to(device) for t in b] for b in state["buffer"]]
@@ -203,12 +211,14 @@ def main(args):
         for x, y, noisy in epoch_batches(sc, data, args, data_gen, state, stats, out_dir, total):   # Alg. 2, line 3
             s = train_step(net, policy, opt, x, y, ctx, args)               # Alg. 2, lines 4-5
             sched.step()
-            state["buffer"].append([s["zeta"], s["actions"], s["rewards"]])   # every batch's rewards (README D23)
+            keys = ("zeta", "actions", "rewards", "adv", "eps", "margin")
+            g = dict(zip(keys, gather_batch(*(s[k] for k in keys))))       # torchrun: every rank's samples
+            state["buffer"].append([g["zeta"], g["actions"], g["rewards"]])   # every batch's rewards (README D23)
             if (state["step"] + 2) % args.policy_interval == 0:             # Alg. 2, line 6: (t + 1) % K, t 1-based
                 zeta, actions, rewards = (torch.cat(v) for v in zip(*state["buffer"]))
                 objectives.append(policy_step(policy, popt, zeta, actions, rewards, args.baseline))   # line 7
                 state["buffer"] = []
-            stats.add(y, noisy, s["adv"], s["eps"], s["margin"], s["loss"])
+            stats.add(y, noisy, g["adv"], g["eps"], g["margin"], s["loss"])
         rec.update({"lr": opt.param_groups[0]["lr"], **stats.log(), "policy/updates": len(objectives),
                     "policy/objective": torch.stack(objectives).mean().item() if objectives else None,
                     "frl/w_nat": ctx["w_nat"].tolist(), "frl/w_bdy": ctx["w_bdy"].tolist()})
@@ -313,6 +323,7 @@ def update_class_loss(class_loss, losses, y, momentum=CLASS_LOSS_MOMENTUM):
     # counts by index_add_ into a known size, not bincount (which reads max(y) back to the host on CUDA: a sync)
     n = torch.zeros_like(class_loss).index_add_(0, y, torch.ones_like(losses, dtype=class_loss.dtype))
     total = torch.zeros_like(class_loss).index_add_(0, y, losses.to(class_loss.dtype))
+    n, total = all_sum(torch.stack([n, total]))   # torchrun: the global batch's (README D25)
     return torch.where(n > 0, momentum * class_loss + (1 - momentum) * total / n.clamp_min(1), class_loss)
 # ==== END SHARED: caat-characteristics ====
 
@@ -455,7 +466,7 @@ def fairness_metrics(model, x_u8, y, steps_list, eps, num_classes, args):
     fns = {f"pgd{k}": (lambda k: lambda m, xb, yb: ATTACKS["linf"](attack_model(m, args.attack_bf16), xb, yb, eps=eps,
                                                                    steps=k, step_size=EVAL_STEP, init="uniform"))(k)
            for k in steps_list}
-    res = evaluate(model, x_u8, y, fns, args.batch_size, args.seed)
+    res = evaluate(model, x_u8, y, fns, args.batch_size, args.seed, world(), all_gather)
     out = {}
     for name in fns:
         e = classwise_errors(y, res["correct"]["clean"], res["correct"][name], num_classes)
@@ -532,9 +543,7 @@ class DirectionStats:
 
 def start_run(args, script, key):
     """Resume or validate, seed, device, data and scenario, then the run directory (nothing is written before)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        sys.exit(f"{script}.py: error: runs as one process; several (torchrun) are not supported yet (README, "
-                 f"\"Several GPUs\")")
+    rank, size = init_distributed(args.device)   # torchrun: one process per GPU (README D25); else (0, 1)
     resume = load_resume(args.resume, script, key) if args.resume else None
     if resume is not None:   # the run's settings from the checkpoint; device and testing aid from this command line
         args = argparse.Namespace(**{**resume["args"], "resume": args.resume, "device": args.device,
@@ -548,7 +557,14 @@ def start_run(args, script, key):
         sc = build_scenario(args, data)
     except ValueError as e:
         sys.exit(f"{script}.py: error: {e}")
-    out_dir = make_run_dir(args, script, resuming=resume is not None)
+    if args.batch_size < size:
+        sys.exit(f"{script}.py: error: --batch-size {args.batch_size} (the global batch) is smaller than the {size} "
+                 f"ranks")
+    out_dir = make_run_dir(args, script, resuming=resume is not None) if rank == 0 else None
+    args.out_dir = all_gather(str(out_dir))[0]   # rank 0's (timestamped) directory, for every rank
+    out_dir = Path(args.out_dir)
+    if rank:
+        torch.manual_seed(args.seed + rank)      # torchrun: the attacks' random starts, one stream a rank
     print(f"run directory: {out_dir}", flush=True)
     if resume is None:
         save_checkpoint(out_dir / "corruption.pt", {**sc["saved"], "noise": args.noise if args.scenario == "noisy"
@@ -587,7 +603,7 @@ def restore_run(resume, nets, fair, ctx, state, out_dir, *generators):
     fair.load_state_dict(resume["fairness"])
     ctx["class_loss"] = resume["class_loss"].to(ctx["class_loss"].device)
     state.update({k: resume[k] for k in state})
-    restore_rng(resume["rng"], *generators)
+    restore_rank_rng(resume["rng"], *generators)
     truncate_log(out_dir / "log.jsonl", state["step"])
 
 
@@ -635,6 +651,8 @@ def epoch_batches(sc, data, args, generator, state, stats, out_dir, total):
 def end_epoch(model, data, state, rec, epoch, t_epoch, t_start, args, out_dir, nets, fair, ctx, generators, summary):
     """Evaluate (every --eval-every epochs and at the end), print, log, checkpoint. Returns True after the last."""
     last = epoch + 1 == args.epochs or bool(args.max_steps and state["step"] >= args.max_steps)
+    sync_buffers(model)   # torchrun: one model on every rank before it is evaluated and saved
+    check_ranks_agree(*(v for v in nets.values() if isinstance(v, nn.Module)))
     rec = {"kind": "epoch", "epoch": epoch + 1, "step": state["step"], **rec}
     if (epoch + 1) % args.eval_every == 0 or last:
         state["results"]["final"] = eval_metrics(model, data, args)
@@ -649,9 +667,18 @@ def end_epoch(model, data, state, rec, epoch, t_epoch, t_start, args, out_dir, n
     state.update(epoch=args.epochs if last else epoch + 1, time_s=time.time() - t_start)
     save_checkpoint(out_dir / "ckpt.pt", {
         "format": 1, **{k: v.state_dict() for k, v in nets.items()}, "fairness": fair.state_dict(),
-        "class_loss": ctx["class_loss"].cpu(), "rng": capture_rng(*generators), "args": vars(args), **state,
+        "class_loss": ctx["class_loss"].cpu(), "rng": capture_rank_rng(*generators), "args": vars(args), **state,
         **model_meta(args, data)})
     return last
+
+
+def gather_batch(*tensors):
+    """torchrun: every rank's per-sample tensors of the step, concatenated in rank order (= the global batch's order,
+    local_part slices it contiguously); the tensors themselves in one process."""
+    if world()[1] == 1:
+        return tensors
+    parts = all_gather([t.cpu() for t in tensors])
+    return tuple(torch.cat([p[i] for p in parts]).to(t.device) for i, t in enumerate(tensors))
 
 
 def model_meta(args, data):
@@ -799,6 +826,112 @@ def resolve_speed_flags(args, device):
     args.compile = bool(getattr(args, "compile", False))
     return args
 # ==== END SHARED: setup ====
+
+
+# ==== BEGIN SHARED: distributed (canonical: cas.py; copies: caat_meta.py, caat_reinforce.py, eval.py) ====
+# Data parallelism under torchrun (README, "Several GPUs"): every rank runs the same script on its own slice of each
+# global batch. A plain `python script.py` is rank 0 of 1, and every function below is then a no-op.
+def init_distributed(device_name: str):
+    """Under torchrun (WORLD_SIZE > 1): join the process group -- NCCL with this process's GPU (LOCAL_RANK) on CUDA,
+    gloo on CPU -- and silence the other ranks' stdout (rank 0 prints). Returns (rank, world size)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        cuda = torch.device(device_name).type == "cuda" and torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+        atexit.register(dist.destroy_process_group)
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")   # errors still reach stderr
+    return dist.get_rank(), dist.get_world_size()
+
+
+def world():
+    """(rank, world size): (0, 1) outside torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def all_gather(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (any picklable object)."""
+    if world()[1] == 1:
+        return [obj]
+    out = [None] * world()[1]
+    dist.all_gather_object(out, obj)
+    return out
+# ==== END SHARED: distributed ====
+
+
+# ==== BEGIN SHARED: data-parallel (canonical: cas.py; copies: caat_meta.py, caat_reinforce.py) ====
+def local_part(t):
+    """This rank's slice of a global batch (contiguous, sizes differ by at most one)."""
+    rank, size = world()
+    return t if size == 1 else t.tensor_split(size)[rank]
+
+
+def all_sum(t):
+    """t summed over the ranks, in place (every rank gets the same bits)."""
+    if world()[1] > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def sync_gradients(params, weight=1.0):
+    """The global batch's gradient on every rank: sum over the ranks of weight * grad, in one all-reduce (weight
+    n_r / N when each rank's loss is its slice's mean, 1 when it is its share of the global loss). Used instead of
+    DistributedDataParallel, whose reducer would take the attacks' input-gradient passes through the same model
+    (between training steps, in eval mode) for an unfinished backward."""
+    if world()[1] == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = all_sum(torch.cat([g.flatten() for g in grads]) * weight)
+    for g, v in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(v.view_as(g))
+
+
+def capture_rank_rng(*generators):
+    """capture_rng of this process; under torchrun every rank's, as {"ranks": [...]} (rank 0 saves them all)."""
+    return capture_rng(*generators) if world()[1] == 1 else {"ranks": all_gather(capture_rng(*generators))}
+
+
+def restore_rank_rng(rng, *generators):
+    """restore_rng with this rank's states from a capture_rank_rng; a run resumes with as many ranks as it had."""
+    saved = len(rng.get("ranks", [rng]))
+    if saved != world()[1]:
+        sys.exit(f"--resume: the run had {saved} process(es), this one {world()[1]}; resume with as many")
+    restore_rng(rng["ranks"][world()[0]] if "ranks" in rng else rng, *generators)
+
+
+def broadcast_modules(*modules):
+    """Rank 0's parameters and buffers on every rank: the common starting point of data-parallel training."""
+    if world()[1] > 1:
+        for m in modules:
+            for t in m.state_dict().values():
+                dist.broadcast(t, 0)
+
+
+def check_ranks_agree(*states):
+    """Every rank must hold the same model (and sampler, ...): modules are compared by checksum, other states as they
+    are, at every checkpoint; a difference is a bug, reported rather than saved."""
+    if world()[1] == 1:
+        return
+    mine = [[float(t.double().sum()) for t in s.state_dict().values() if t.is_floating_point()]
+            if isinstance(s, nn.Module) else s for s in states]
+    if any(other != mine for other in all_gather(mine)):
+        raise RuntimeError("the ranks hold different models or sampler states (a data-parallel bug)")
+
+
+def sync_buffers(model):
+    """Average the batch-norm running statistics over the ranks, so that every rank holds one model. Each rank
+    normalises with its own slice's batch statistics (DDP's default, no SyncBatchNorm); called before every
+    evaluation and checkpoint."""
+    if world()[1] == 1:
+        return
+    bufs = [b for b in model.buffers() if b.is_floating_point()]
+    flat = all_sum(torch.cat([b.flatten() for b in bufs])) / world()[1]
+    for b, v in zip(bufs, flat.split([b.numel() for b in bufs])):
+        b.copy_(v.view_as(b))
+# ==== END SHARED: data-parallel ====
 
 
 # ==== BEGIN SHARED: run-dir (canonical: cas.py; copies: caat_meta.py, caat_reinforce.py) ====

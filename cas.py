@@ -260,7 +260,7 @@ def train_step(model, optimizer, x, y, arms, weights, sampler, beta, amp):
         with autocast:
             clean = F.cross_entropy(model(x), y)
         ((1 - beta) * clean).backward()
-    sync_gradients(model.parameters(), len(y), n_global)                               # torchrun: global gradient
+    sync_gradients(model.parameters(), len(y) / n_global)                              # torchrun: global gradient
     optimizer.step()                                                                    # Alg. 1, line 13
     share = len(y) / n_global   # the global batch's mean losses and E-AT's count, summed over the ranks
     stats = all_sum(torch.stack([c.detach().float() * share for c in ce] + [clean.detach().float() * share,
@@ -464,6 +464,7 @@ def main(args):
                         device)
     net = torch.compile(model) if args.compile else model   # forwards (same parameters); `model`: the state_dicts
     data_gen = torch.Generator().manual_seed(args.seed)       # shuffling + augmentation: the same on every rank
+    broadcast_modules(model)                                  # torchrun: rank 0's initial model on every rank
     if rank:
         torch.manual_seed(args.seed + rank)                   # torchrun: the attacks' random starts, one stream a rank
     state = {"stage": 0, "epoch": 0, "step": 0, "results": {}, "train_s": {}, "wall_s": 0.0,
@@ -495,6 +496,7 @@ def main(args):
             record, last = train_epoch(net, optimizer, scheduler, sampler, train_arms, st, data, data_gen, args,
                                        state, out_dir)
             sync_buffers(model)   # torchrun: one model on every rank before it is evaluated and saved
+            check_ranks_agree(model, sampler.state_dict() if sampler else None)
             if (epoch + 1) % args.eval_every == 0 or last:
                 state["results"][st.name] = evaluate_and_log(net, data, eval_arms, st, args, out_dir, record)
             else:
@@ -796,7 +798,7 @@ def resolve_speed_flags(args, device):
 # ==== END SHARED: setup ====
 
 
-# ==== BEGIN SHARED: distributed (canonical: cas.py; copies: eval.py) ====
+# ==== BEGIN SHARED: distributed (canonical: cas.py; copies: caat_meta.py, caat_reinforce.py, eval.py) ====
 # Data parallelism under torchrun (README, "Several GPUs"): every rank runs the same script on its own slice of each
 # global batch. A plain `python script.py` is rank 0 of 1, and every function below is then a no-op.
 def init_distributed(device_name: str):
@@ -830,7 +832,7 @@ def all_gather(obj):
 # ==== END SHARED: distributed ====
 
 
-# ==== BEGIN SHARED: data-parallel (canonical: cas.py) ====
+# ==== BEGIN SHARED: data-parallel (canonical: cas.py; copies: caat_meta.py, caat_reinforce.py) ====
 def local_part(t):
     """This rank's slice of a global batch (contiguous, sizes differ by at most one)."""
     rank, size = world()
@@ -844,14 +846,15 @@ def all_sum(t):
     return t
 
 
-def sync_gradients(params, n_local, n_global):
-    """The global batch's gradient on every rank: sum_r (n_r / N) grad_r, each rank's loss being its slice's mean,
-    in one all-reduce. Used instead of DistributedDataParallel, whose reducer would take the attacks' input-gradient
-    passes through the same model (between training steps, in eval mode) for an unfinished backward."""
+def sync_gradients(params, weight=1.0):
+    """The global batch's gradient on every rank: sum over the ranks of weight * grad, in one all-reduce (weight
+    n_r / N when each rank's loss is its slice's mean, 1 when it is its share of the global loss). Used instead of
+    DistributedDataParallel, whose reducer would take the attacks' input-gradient passes through the same model
+    (between training steps, in eval mode) for an unfinished backward."""
     if world()[1] == 1:
         return
     grads = [p.grad for p in params if p.grad is not None]
-    flat = all_sum(torch.cat([g.flatten() for g in grads]) * (n_local / n_global))
+    flat = all_sum(torch.cat([g.flatten() for g in grads]) * weight)
     for g, v in zip(grads, flat.split([g.numel() for g in grads])):
         g.copy_(v.view_as(g))
 
@@ -867,6 +870,25 @@ def restore_rank_rng(rng, *generators):
     if saved != world()[1]:
         sys.exit(f"--resume: the run had {saved} process(es), this one {world()[1]}; resume with as many")
     restore_rng(rng["ranks"][world()[0]] if "ranks" in rng else rng, *generators)
+
+
+def broadcast_modules(*modules):
+    """Rank 0's parameters and buffers on every rank: the common starting point of data-parallel training."""
+    if world()[1] > 1:
+        for m in modules:
+            for t in m.state_dict().values():
+                dist.broadcast(t, 0)
+
+
+def check_ranks_agree(*states):
+    """Every rank must hold the same model (and sampler, ...): modules are compared by checksum, other states as they
+    are, at every checkpoint; a difference is a bug, reported rather than saved."""
+    if world()[1] == 1:
+        return
+    mine = [[float(t.double().sum()) for t in s.state_dict().values() if t.is_floating_point()]
+            if isinstance(s, nn.Module) else s for s in states]
+    if any(other != mine for other in all_gather(mine)):
+        raise RuntimeError("the ranks hold different models or sampler states (a data-parallel bug)")
 
 
 def sync_buffers(model):

@@ -747,7 +747,7 @@ def resolve_speed_flags(args, device):
 # ==== END SHARED: setup ====
 
 
-# ==== BEGIN SHARED: distributed (canonical: cas.py; copies: eval.py) ====
+# ==== BEGIN SHARED: distributed (canonical: cas.py; copies: caat_meta.py, caat_reinforce.py, eval.py) ====
 # Data parallelism under torchrun (README, "Several GPUs"): every rank runs the same script on its own slice of each
 # global batch. A plain `python script.py` is rank 0 of 1, and every function below is then a no-op.
 def init_distributed(device_name: str):

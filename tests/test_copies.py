@@ -14,7 +14,7 @@ SCRIPTS = ["cas.py", "caat_meta.py", "caat_reinforce.py"]
 ALL4 = SCRIPTS + ["eval.py"]
 BLOCKS = {   # block -> files holding an identical copy; the first is canonical. Scripts not written yet are skipped.
     "common-flags": SCRIPTS, "run-dir": SCRIPTS,
-    "setup": ALL4, "distributed": ["cas.py", "eval.py"], "data-parallel": ["cas.py"],
+    "setup": ALL4, "distributed": ALL4, "data-parallel": SCRIPTS,
     "model": ALL4, "data": ALL4, "evaluate": ALL4, "io": ALL4,
     "cas-metrics": ["cas.py", "eval.py"],
     "caat-characteristics": ["caat_meta.py", "caat_reinforce.py"],

@@ -3,8 +3,10 @@
 - the data-parallel pieces in-process (torch.multiprocessing, 2 ranks): the synced gradient is the global batch's;
   after CAS / E-AT / AVG iterations every rank holds the same parameters, buffers and sampler state, and drew the same
   arm sequence;
-- `torchrun --nproc_per_node 2 cas.py`: a run killed mid-way and resumed (2 ranks) ends with the same model.pt as an
-  uninterrupted one; resuming with another number of processes is refused;
+- `torchrun --nproc_per_node 2 cas.py` (and both CAAT scripts): a run killed mid-way and resumed (2 ranks) ends with
+  the same networks and log as an uninterrupted one; resuming with another number of processes is refused; every
+  checkpoint checks that the ranks hold the same networks (and sampler);
+- one rank failing ends the job with its error (no hang);
 - `torchrun --nproc_per_node 2 eval.py` writes the same eval.json (per-image results, AutoAttack included) as one
   process.
 Multi-GPU speed-up cannot be measured here (one CPU, gloo): these tests check correctness only.
@@ -51,7 +53,7 @@ def _worker(rank, world, port, out, kind):
         x, y = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
         xs, ys = (x[:3], y[:3]) if rank == 0 else (x[3:], y[3:])
         F.cross_entropy(net(xs), ys).backward()
-        cas.sync_gradients(net.parameters(), len(ys), len(y))
+        cas.sync_gradients(net.parameters(), len(ys) / len(y))
         torch.save({"grad": net.weight.grad.clone()}, Path(out) / f"{kind}{rank}.pt")
         return
     torch.manual_seed(0)   # the same initial model on every rank (as cas.py: same seed), then a stream per rank
@@ -86,6 +88,10 @@ def torchrun(script, *argv, ok=True, nproc=2):
     return proc
 
 
+CAAT = {"caat_meta.py": ["--meta-batch-size", "8"], "caat_reinforce.py": ["--policy-interval", "2"]}
+CAAT_TINY = ["--dataset", "fake", "--device", "cpu", "--width", "4", "--epochs", "2", "--batch-size", "16",
+             "--attack-steps", "1", "--eval-examples", "8", "--eval-pgd-steps", "1", "--val-attack-steps", "1",
+             "--train-subset", "160", "--log-every", "3"]
 TINY = ["--dataset", "fake", "--device", "cpu", "--width", "4", "--pretrain-epochs", "1", "--epochs", "2",
         "--batch-size", "8", "--train-subset", "40", "--attack-steps", "1", "--eval-attack-steps", "1",
         "--eval-examples", "8", "--attacks", "linf,l2,l1", "--log-every", "2"]
@@ -132,6 +138,24 @@ class TestTorchrun(unittest.TestCase):
             logs = [[json.loads(l) for l in (d / "log.jsonl").read_text().splitlines()] for d in (whole, parts)]
             strip = lambda rec: {k: v for k, v in rec.items() if not k.startswith("time/")}   # noqa: E731
             self.assertEqual([strip(r) for r in logs[0]], [strip(r) for r in logs[1]])
+
+    def test_caat_resume_equals_uninterrupted(self):
+        """Both CAAT scripts, 2 ranks (every checkpoint also checks that the ranks hold the same networks)."""
+        for script, flags in CAAT.items():
+            with self.subTest(script=script), tempfile.TemporaryDirectory() as tmp:
+                whole, parts = Path(tmp) / "whole", Path(tmp) / "parts"
+                torchrun(script, *CAAT_TINY, *flags, "--out-dir", whole)
+                proc = torchrun(script, *CAAT_TINY, *flags, "--out-dir", parts, "--interrupt-at-step", 13, ok=False)
+                self.assertIn("simulated crash", proc.stdout)
+                torchrun(script, "--resume", parts, "--device", "cpu")
+                a, b = (torch.load(d / "ckpt.pt", weights_only=True) for d in (whole, parts))
+                nets = ("model", "wnet") if "meta" in script else ("model", "policy")
+                for net in nets:
+                    for k, v in a[net].items():
+                        self.assertTrue(torch.equal(v, b[net][k]), f"{net}.{k}")
+                logs = [(d / "log.jsonl").read_text().splitlines() for d in (whole, parts)]
+                strip = lambda rec: {k: v for k, v in rec.items() if not k.startswith("time/")}   # noqa: E731
+                self.assertEqual([strip(json.loads(r)) for r in logs[0]], [strip(json.loads(r)) for r in logs[1]])
 
     def test_one_rank_failing_ends_the_job(self):
         """Rank 1 raises while rank 0 waits in a collective: torchrun ends the job with rank 1's error, no hang."""
