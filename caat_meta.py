@@ -21,7 +21,6 @@ Writes args.json, corruption.pt, log.jsonl, ckpt.pt, model.pt, results.json into
 """
 
 import argparse
-import atexit
 import json
 import math
 import os
@@ -193,13 +192,13 @@ def weighted_loss(t, a, b, w_nat, w_bdy, lam):
     return loss
 
 
-def meta_step(model, wnet, wopt, zeta, x, x_adv, x_anti, y, w_nat, w_bdy, x_meta, y_meta, x_meta_adv, lr, n_meta,
-              args):
+def meta_step(model, wnet, wopt, zeta, x, x_adv, x_anti, y, w_nat, w_bdy, x_meta, y_meta, x_meta_adv, lr, args,
+              n_meta=None):
     """Eqs. (27)-(28): virtual SGD step W_hat(Omega), robust meta loss of W_hat on the clean meta batch, step on Omega.
 
     The classifier runs through torch.func.functional_call on CLONED buffers, so the virtual and meta forwards (train
     mode, batch statistics) leave the real BN running statistics untouched. Returns the meta loss; Omega's gradient
-    stays in .grad.
+    stays in .grad. n_meta: the global meta batch's size under torchrun (default: this one's).
     """
     model = getattr(model, "_orig_mod", model)   # --compile: the uncompiled module (double backward needs it)
     params = dict(model.named_parameters())
@@ -218,6 +217,7 @@ def meta_step(model, wnet, wopt, zeta, x, x_adv, x_anti, y, w_nat, w_bdy, x_meta
     # (README D14) -- the literal form is minimised by sending every meta sample to the anti-adversary branch
     m = per_sample_losses(lambda inp: functional_call(model, (fast, buffers), (inp,)), x_meta, x_meta_adv, None,
                           y_meta, args.loss)
+    n_meta = n_meta or len(y_meta)                                        # torchrun: the global meta batch size
     meta_loss = (m["nat"] + args.lam * m["bdy"]).sum() / n_meta         # torchrun: this rank's share of the mean
     omega = list(wnet.parameters())
     wopt.zero_grad(set_to_none=True)
@@ -285,7 +285,7 @@ def train_step(model, wnet, opt, wopt, x, y, meta_batch, ctx, args):
                              args.attack_steps, 1, adv_loss, seed_meta)
         model.train()
         meta_step(model, wnet, wopt, zeta, x, x_adv, x_anti, y, w_nat, w_bdy, *meta_batch, x_meta_adv,
-                  opt.param_groups[0]["lr"], n_meta, args)
+                  opt.param_groups[0]["lr"], args, n_meta)
         with torch.no_grad():
             a = wnet(zeta)[:, 0]
         b = 1 - a
@@ -353,7 +353,9 @@ def main(args):
         if end_epoch(net, data, state, rec, epoch, t_epoch, t_start, args, out_dir, nets, fair, ctx,
                      (data_gen, meta_gen), f"adv ratio {rec['caat/adv_ratio']:.2f}"):
             break
-    return finish(model, data, state, args, out_dir, t_start)
+    results = finish(model, data, state, args, out_dir, t_start)
+    end_distributed()
+    return results
 
 
 def method_name(args):
@@ -971,10 +973,17 @@ def init_distributed(device_name: str):
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo")
-        atexit.register(dist.destroy_process_group)
     if dist.get_rank() != 0:
         sys.stdout = open(os.devnull, "w")   # errors still reach stderr
     return dist.get_rank(), dist.get_world_size()
+
+
+def end_distributed():
+    """After a successful run: leave the process group together (a barrier first: a rank tearing its connections
+    down while another still holds them aborts with "terminate called without an active exception")."""
+    if world()[1] > 1:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def world():

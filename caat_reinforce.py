@@ -21,7 +21,6 @@ Writes args.json, corruption.pt, log.jsonl, ckpt.pt, model.pt, results.json into
 """
 
 import argparse
-import atexit
 import json
 import math
 import os
@@ -225,7 +224,9 @@ def main(args):
         if end_epoch(net, data, state, rec, epoch, t_epoch, t_start, args, out_dir, nets, fair, ctx, (data_gen,),
                      f"adv ratio {rec['caat/adv_ratio']:.2f} | mean bound {mean_bound(rec):.1f}/255"):
             break
-    return finish(model, data, state, args, out_dir, t_start)
+    results = finish(model, data, state, args, out_dir, t_start)
+    end_distributed()
+    return results
 
 
 def mean_bound(rec):
@@ -841,10 +842,17 @@ def init_distributed(device_name: str):
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo")
-        atexit.register(dist.destroy_process_group)
     if dist.get_rank() != 0:
         sys.stdout = open(os.devnull, "w")   # errors still reach stderr
     return dist.get_rank(), dist.get_world_size()
+
+
+def end_distributed():
+    """After a successful run: leave the process group together (a barrier first: a rank tearing its connections
+    down while another still holds them aborts with "terminate called without an active exception")."""
+    if world()[1] > 1:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def world():

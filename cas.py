@@ -17,7 +17,6 @@ continues it. `from cas import CASSampler` gives the bandit alone (the script ru
 """
 
 import argparse
-import atexit
 import json
 import math
 import os
@@ -513,7 +512,9 @@ def main(args):
             save_checkpoint(out_dir / "pretrain_model.pt", {"format": 1, "model": model.state_dict(),
                                                             "args": vars(args), **model_meta(args, data, st)})
         state.update(stage=s_idx + 1, epoch=0)
-    return finish(model, data, stages[-1], args, state, out_dir, time.time() - t_start)
+    results = finish(model, data, stages[-1], args, state, out_dir, time.time() - t_start)
+    end_distributed()
+    return results
 
 
 def warn_if_slow(model, data, args, stages, device):
@@ -811,10 +812,17 @@ def init_distributed(device_name: str):
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo")
-        atexit.register(dist.destroy_process_group)
     if dist.get_rank() != 0:
         sys.stdout = open(os.devnull, "w")   # errors still reach stderr
     return dist.get_rank(), dist.get_world_size()
+
+
+def end_distributed():
+    """After a successful run: leave the process group together (a barrier first: a rank tearing its connections
+    down while another still holds them aborts with "terminate called without an active exception")."""
+    if world()[1] > 1:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def world():

@@ -25,7 +25,6 @@ README.md#evalpy) and eval.md are rewritten atomically after every attack (--res
 """
 
 import argparse
-import atexit
 import importlib.util
 import json
 import math
@@ -713,9 +712,11 @@ def main(args):
     except (ValueError, OSError, ImportError) as e:
         make_parser().error(str(e))
     try:   # an error raised by an attack is not caught here: a bug, to be seen in full
-        return evaluate_model(model, **{**vars(args), "dataset": dataset})
+        res = evaluate_model(model, **{**vars(args), "dataset": dataset})
     except UsageError as e:
         make_parser().error(str(e))
+    end_distributed()
+    return res
 
 
 # ==== BEGIN SHARED: setup (canonical: cas.py; copies: caat_meta.py, caat_reinforce.py, eval.py) ====
@@ -760,10 +761,17 @@ def init_distributed(device_name: str):
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo")
-        atexit.register(dist.destroy_process_group)
     if dist.get_rank() != 0:
         sys.stdout = open(os.devnull, "w")   # errors still reach stderr
     return dist.get_rank(), dist.get_world_size()
+
+
+def end_distributed():
+    """After a successful run: leave the process group together (a barrier first: a rank tearing its connections
+    down while another still holds them aborts with "terminate called without an active exception")."""
+    if world()[1] > 1:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def world():

@@ -50,11 +50,13 @@ def _worker(rank, world, port, out, kind):
         net = nn.Linear(6, 3)
         with torch.no_grad():
             net.weight.copy_(torch.randn(3, 6, generator=g))
+            net.bias.zero_()
         x, y = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
         xs, ys = (x[:3], y[:3]) if rank == 0 else (x[3:], y[3:])
         F.cross_entropy(net(xs), ys).backward()
         cas.sync_gradients(net.parameters(), len(ys) / len(y))
         torch.save({"grad": net.weight.grad.clone()}, Path(out) / f"{kind}{rank}.pt")
+        cas.end_distributed()
         return
     torch.manual_seed(0)   # the same initial model on every rank (as cas.py: same seed), then a stream per rank
     model = cas.build_model(10, (0.5,) * 3, (0.25,) * 3, 4)
@@ -70,6 +72,7 @@ def _worker(rank, world, port, out, kind):
     cas.sync_buffers(model)
     torch.save({"state": model.state_dict(), "sampler": sampler.state_dict() if sampler else None, "arms": seq},
                Path(out) / f"{kind}{rank}.pt")
+    cas.end_distributed()
 
 
 def spawn(kind, out):
@@ -105,6 +108,7 @@ class TestDataParallel(unittest.TestCase):
         net = nn.Linear(6, 3)
         with torch.no_grad():
             net.weight.copy_(torch.randn(3, 6, generator=g))
+            net.bias.zero_()
         x, y = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
         F.cross_entropy(net(x), y).backward()
         self.assertTrue(torch.equal(r0["grad"], r1["grad"]))
