@@ -24,6 +24,7 @@ import tempfile
 import unittest
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
@@ -100,6 +101,7 @@ TINY = ["--dataset", "fake", "--device", "cpu", "--width", "4", "--pretrain-epoc
         "--eval-examples", "8", "--attacks", "linf,l2,l1", "--log-every", "2"]
 
 
+@pytest.mark.slow   # spawns processes: ~25 s
 class TestDataParallel(unittest.TestCase):
     def test_synced_gradient_is_the_global_batch_gradient(self):
         with tempfile.TemporaryDirectory() as out:
@@ -124,6 +126,7 @@ class TestDataParallel(unittest.TestCase):
                 self.assertEqual(r0["arms"], r1["arms"])
 
 
+@pytest.mark.slow   # torchrun end-to-end: ~70 s
 class TestTorchrun(unittest.TestCase):
     def test_cas_resume_equals_uninterrupted(self):
         with tempfile.TemporaryDirectory() as tmp:

@@ -26,7 +26,7 @@ class TestCalibrationScripted(unittest.TestCase):
             self.assertEqual((mode, steps), ("eval", None))      # calibration measures at full evaluation strength
             return {n: eps_table[n] for n in names_}
 
-        def fake_evaluate(model, x, y, arms, batch_size, seed):
+        def fake_evaluate(model, x, y, arms, batch_size, seed, part=(0, 1), gather=None):
             calls.append(dict(arms))
             return {"attacks": {n: acc_of_eps[n](eps) for n, eps in arms.items()}}
 
