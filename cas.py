@@ -440,7 +440,7 @@ def make_schedule(optimizer, kind, total_steps):
 # ----------------------------------------------------------------------------------------------------------------
 
 def main(args):
-    rank, size = init_distributed(args.device)   # torchrun: one process per GPU (README D25); else (0, 1)
+    init_distributed(args.device)   # torchrun: one process per GPU (README D25); plain python: rank 0 of 1
     resume = load_resume(args.resume, SCRIPT, "sampler") if args.resume else None
     if resume is not None:   # the run's settings from its checkpoint; where to run (and the testing aid) from here
         args = argparse.Namespace(**{**resume["args"], "resume": args.resume, "device": args.device,
@@ -449,11 +449,7 @@ def main(args):
     device = pick_device(args.device)
     resolve_speed_flags(args, device)   # --attack-bf16 (default: on for CUDA), --compile
     stages = plan(args)
-    if args.batch_size < size:
-        sys.exit(f"cas.py: error: --batch-size {args.batch_size} (the global batch) is smaller than the {size} ranks")
-    out_dir = make_run_dir(args, SCRIPT, resuming=resume is not None) if rank == 0 else None
-    args.out_dir = all_gather(str(out_dir))[0]   # rank 0's (timestamped) directory, for every rank
-    out_dir = Path(args.out_dir)
+    out_dir = rank_run_dir(args, SCRIPT, resuming=resume is not None)   # torchrun: rank 0's, on every rank
     print(f"run directory: {out_dir}", flush=True)
     if resume is None:
         write_json(out_dir / "args.json", {**vars(args), "stages": [s._asdict() for s in stages], **run_info(device)})
@@ -464,8 +460,6 @@ def main(args):
     net = torch.compile(model) if args.compile else model   # forwards (same parameters); `model`: the state_dicts
     data_gen = torch.Generator().manual_seed(args.seed)       # shuffling + augmentation: the same on every rank
     broadcast_modules(model)                                  # torchrun: rank 0's initial model on every rank
-    if rank:
-        torch.manual_seed(args.seed + rank)                   # torchrun: the attacks' random starts, one stream a rank
     state = {"stage": 0, "epoch": 0, "step": 0, "results": {}, "train_s": {}, "wall_s": 0.0,
              "eps_table": load_eps_table(args.eps_table)}
     if resume is not None:   # D12: the run directory alone resumes the run (--init-ckpt is not read again)
@@ -505,7 +499,7 @@ def main(args):
                 "format": 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict() if sampler else None,
                 "rng": capture_rank_rng(data_gen), "args": vars(args), **model_meta(args, data, st), **state,
-                "log_lines": len((out_dir / "log.jsonl").read_text().splitlines()) if rank == 0 else 0})
+                "log_lines": len((out_dir / "log.jsonl").read_text().splitlines()) if writes_here() else 0})
             if last:
                 break
         if st.name == "pretrain" and st.epochs:   # a reusable l_p-robust starting point (--init-ckpt of later runs)
@@ -854,6 +848,13 @@ def all_sum(t):
     return t
 
 
+def sum_into(tensors, scale=1.0):
+    """Each tensor replaced, in place, by scale * its sum over the ranks (one all-reduce of a flat buffer)."""
+    flat = all_sum(torch.cat([t.flatten() for t in tensors]) * scale)
+    for t, v in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(v.view_as(t))
+
+
 def sync_gradients(params, weight=1.0):
     """The global batch's gradient on every rank: sum over the ranks of weight * grad, in one all-reduce (weight
     n_r / N when each rank's loss is its slice's mean, 1 when it is its share of the global loss). Used instead of
@@ -861,10 +862,21 @@ def sync_gradients(params, weight=1.0):
     (between training steps, in eval mode) for an unfinished backward."""
     if world()[1] == 1:
         return
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = all_sum(torch.cat([g.flatten() for g in grads]) * weight)
-    for g, v in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(v.view_as(g))
+    sum_into([p.grad for p in params if p.grad is not None], weight)
+
+
+def rank_run_dir(args, script, resuming):
+    """The run directory on every rank: rank 0 creates it (make_run_dir, timestamped by default) and shares its path.
+    Also checks that the global batch covers the ranks and gives ranks > 0 their own stream for the attacks' random
+    starts (the networks are made equal by broadcast_modules)."""
+    rank, size = world()
+    if args.batch_size < size:
+        sys.exit(f"{script}.py: error: --batch-size {args.batch_size} (the global batch) is smaller than the {size} "
+                 f"ranks")
+    args.out_dir = all_gather(str(make_run_dir(args, script, resuming)) if rank == 0 else None)[0]
+    if rank:
+        torch.manual_seed(args.seed + rank)
+    return Path(args.out_dir)
 
 
 def capture_rank_rng(*generators):
@@ -905,10 +917,7 @@ def sync_buffers(model):
     evaluation and checkpoint."""
     if world()[1] == 1:
         return
-    bufs = [b for b in model.buffers() if b.is_floating_point()]
-    flat = all_sum(torch.cat([b.flatten() for b in bufs])) / world()[1]
-    for b, v in zip(bufs, flat.split([b.numel() for b in bufs])):
-        b.copy_(v.view_as(b))
+    sum_into([b for b in model.buffers() if b.is_floating_point()], 1 / world()[1])
 # ==== END SHARED: data-parallel ====
 
 
@@ -938,7 +947,7 @@ def run_info(device: torch.device) -> dict:
 
 
 def append_jsonl(path, record):
-    if os.environ.get("RANK", "0") != "0":   # torchrun: only rank 0 writes
+    if not writes_here():
         return
     with open(path, "a") as f:
         f.write(json.dumps(strict_json(record), sort_keys=True, allow_nan=False) + "\n")
@@ -947,7 +956,7 @@ def append_jsonl(path, record):
 def save_checkpoint(path, obj):
     """Atomic torch.save: write path.tmp, then os.replace (a kill at any moment leaves the old or the new file).
     Under torchrun only rank 0 writes."""
-    if os.environ.get("RANK", "0") != "0":
+    if not writes_here():
         return
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     torch.save(obj, tmp)
@@ -1298,12 +1307,17 @@ def aggregate(acc, weights, names, scenario):
 # ==== BEGIN SHARED: io (canonical: cas.py; copies: caat_meta.py, caat_reinforce.py, eval.py) ====
 def write_text(path, text):
     """Atomic write (temp file + os.replace): a crash never leaves a half-written file. Under torchrun only rank 0
-    writes (RANK is torchrun's variable)."""
-    if os.environ.get("RANK", "0") != "0":
+    writes."""
+    if not writes_here():
         return
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def writes_here():
+    """False on torchrun's ranks other than 0 (RANK is torchrun's variable): only rank 0 writes files."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def strict_json(obj):

@@ -1097,12 +1097,17 @@ def aggregate(acc, weights, names, scenario):
 # ==== BEGIN SHARED: io (canonical: cas.py; copies: caat_meta.py, caat_reinforce.py, eval.py) ====
 def write_text(path, text):
     """Atomic write (temp file + os.replace): a crash never leaves a half-written file. Under torchrun only rank 0
-    writes (RANK is torchrun's variable)."""
-    if os.environ.get("RANK", "0") != "0":
+    writes."""
+    if not writes_here():
         return
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def writes_here():
+    """False on torchrun's ranks other than 0 (RANK is torchrun's variable): only rank 0 writes files."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def strict_json(obj):
